@@ -1,0 +1,394 @@
+"""NdCLIP: a CLIP-style image-text dual encoder whose projection heads are `NdLinear` layers.
+
+Everything the forward pass needs is in this file: the pooling of each tower's `last_hidden_state`, the projection
+heads, the contrastive loss and the model itself. It is copied next to `config.json` by `save_pretrained`, so that
+`AutoModel.from_pretrained(repo, trust_remote_code=True)` can load it from the Hub.
+"""
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from ndlinear import NdLinear
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, logging
+
+try:  # loaded from the Hub, the model files are one package
+    from .configuration_ndclip import NdClipConfig, tower_width
+except ImportError:  # imported as top-level modules in this repository
+    from configuration_ndclip import NdClipConfig, tower_width
+
+logger = logging.get_logger(__name__)
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy where row i's correct column is i (the matching pair sits on the diagonal)."""
+    return nn.functional.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def ndclip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss: the mean of the text->image and image->text cross-entropies."""
+    return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_text.t())) / 2.0
+
+
+def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """One vector per example from a tower's `last_hidden_state`.
+
+    `hidden` is `[batch, tokens, width]`, or a `[batch, width, height, width]` feature map of a convolutional
+    tower, which is read as `height * width` tokens. `"cls"` takes the first token; `"mean"` averages the tokens
+    that `attention_mask` marks as real (all of them when there is no mask).
+    """
+    if hidden.dim() == 4:
+        if pooling == "cls":
+            raise ValueError(
+                "pooling 'cls' needs a sequence of tokens, but this tower returns a feature map of shape "
+                f"{tuple(hidden.shape)}: set `vision_pooling='mean'`"
+            )
+        hidden = hidden.flatten(2).transpose(1, 2)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class NdClipProjection(nn.Module):
+    """Maps a tower's pooled vector (`[batch, width]`) into the shared space (`[batch, projection_dim]`).
+
+    With `projection_type="ndlinear"` the vector is viewed as a grid (`input_grid`, e.g. 24 x 32) and
+    `ndlinear.NdLinear` applies one small linear layer per axis to reach `output_grid` (e.g. 16 x 16): 928
+    parameters instead of the 196,864 of a 768 -> 256 `nn.Linear`. With `"linear"` it is that `nn.Linear`.
+    The submodule is named after the type (`ndlinear` / `linear`), so checkpoint keys say which head they hold.
+    """
+
+    def __init__(self, width: int, projection_dim: int, projection_type: str, input_grid, output_grid):
+        super().__init__()
+        self.input_grid = tuple(input_grid)
+        if projection_type == "ndlinear":
+            self.ndlinear = NdLinear(tuple(input_grid), tuple(output_grid))
+        else:
+            self.linear = nn.Linear(width, projection_dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "linear"):
+            return self.linear(pooled)
+        return self.ndlinear(pooled.reshape(pooled.shape[0], *self.input_grid)).flatten(1)
+
+
+def build_tower(config, pretrained_name_or_path: str | None = None, **kwargs) -> PreTrainedModel:
+    """An `AutoModel` tower, from its config or from pretrained weights, without its pooler.
+
+    NdCLIP pools `last_hidden_state` itself, so a pooler (ViT's is untrained in `google/vit-base-patch16-224`)
+    would be dead weight: it would stay in the checkpoint, and DDP would fail on its unused parameters.
+    """
+    model_class = AutoModel._model_mapping[type(config)]
+    if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+        kwargs["add_pooling_layer"] = False
+    if pretrained_name_or_path is None:
+        return AutoModel.from_config(config, **kwargs)
+    return AutoModel.from_pretrained(pretrained_name_or_path, config=config, **kwargs)
+
+
+@dataclass
+class NdClipOutput(ModelOutput):
+    """
+    Output of [`NdClipModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, returned when `return_loss=True`):
+            Symmetric contrastive loss over the batch (see `ndclip_loss`).
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
+            Scaled cosine similarities of each image with each text (`logit_scale.exp() * cos`).
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
+            The transpose of `logits_per_image`.
+        text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`):
+            L2-normalised text embeddings.
+        image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
+            L2-normalised image embeddings.
+        text_model_output (`BaseModelOutputWithPooling`):
+            The text tower's output; its `pooler_output` is the pooled, unprojected vector.
+        vision_model_output (`BaseModelOutputWithPooling`):
+            The vision tower's output; its `pooler_output` is the pooled, unprojected vector.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+class NdClipPreTrainedModel(PreTrainedModel):
+    config_class = NdClipConfig
+    base_model_prefix = "ndclip"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _init_weights(self, module):
+        """Heads: normal with std `fan_in ** -0.5` per axis (so a head keeps the scale of its input), zero bias.
+        The towers initialise themselves (they are `PreTrainedModel`s with their own `_init_weights`)."""
+        factor = self.config.initializer_factor
+        if isinstance(module, NdClipProjection):
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    init.normal_(layer.weight, mean=0.0, std=layer.in_features**-0.5 * factor)
+                    init.zeros_(layer.bias)
+        elif isinstance(module, NdClipModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+class NdClipModel(NdClipPreTrainedModel):
+    """
+    NdCLIP: a vision tower and a text tower (any `AutoModel` with a `last_hidden_state`), each pooled and projected
+    by an NdLinear head into a shared, L2-normalised embedding space, trained with the symmetric CLIP loss.
+
+    Use `get_image_features` / `get_text_features` for embeddings, `forward` for similarity logits (and the loss
+    with `return_loss=True`), and `from_vision_text_pretrained` to start from pretrained towers.
+    """
+
+    def __init__(
+        self,
+        config: NdClipConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else build_tower(config.vision_config)
+        self.text_model = text_model if text_model is not None else build_tower(config.text_config)
+        # The towers read the shared sub-configs, so attention-implementation switches reach them.
+        self.config.vision_config._attn_implementation = self.vision_model.config._attn_implementation
+        self.config.text_config._attn_implementation = self.text_model.config._attn_implementation
+        self.vision_model.config = self.config.vision_config
+        self.text_model.config = self.config.text_config
+
+        self.visual_projection = NdClipProjection(
+            tower_width(config.vision_config),
+            config.projection_dim,
+            config.projection_type,
+            config.vision_input_grid,
+            config.projection_grid,
+        )
+        self.text_projection = NdClipProjection(
+            tower_width(config.text_config),
+            config.projection_dim,
+            config.projection_type,
+            config.text_input_grid,
+            config.projection_grid,
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        # Which optional inputs the text tower takes (BERT takes token_type_ids, DistilBERT does not).
+        self._text_tower_args = set(inspect.signature(self.text_model.forward).parameters)
+        self.post_init()
+
+    # ----- towers -----------------------------------------------------------------------------------------------
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        expected = getattr(self.config.vision_config, "num_channels", None)
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"`pixel_values` must be a 4-D batch [batch, channels, height, width], got shape {tuple(pixel_values.shape)}"
+            )
+        if expected is not None and pixel_values.shape[1] != expected:
+            raise ValueError(
+                f"`pixel_values` has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)}) but the vision "
+                f"tower expects {expected}: convert images to {'RGB' if expected == 3 else f'{expected} channels'} "
+                "(the NdCLIP processor does this) before calling the model"
+            )
+
+    def _encode_image(self, pixel_values: torch.Tensor, **tower_kwargs) -> BaseModelOutputWithPooling:
+        """Run the vision tower and pool; `pooler_output` holds the pooled, unprojected vector."""
+        self._check_pixel_values(pixel_values)
+        outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
+        pooled = pool_hidden_states(outputs.last_hidden_state, None, self.config.vision_pooling)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=pooled,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    def _encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **tower_kwargs,
+    ) -> BaseModelOutputWithPooling:
+        optional = {"token_type_ids": token_type_ids, "position_ids": position_ids}
+        extra = {k: v for k, v in optional.items() if v is not None and k in self._text_tower_args}
+        outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra, **tower_kwargs
+        )
+        pooled = pool_hidden_states(outputs.last_hidden_state, attention_mask, self.config.text_pooling)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=pooled,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    # ----- the public API, as in transformers' CLIPModel ------------------------------------------------------
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """The vision tower's output with `pooler_output` replaced by the projected (unnormalised) image
+        embedding of shape `[batch, projection_dim]`, as `CLIPModel.get_image_features` does in transformers 5."""
+        outputs = self._encode_image(pixel_values, **_tower_kwargs(kwargs))
+        outputs.pooler_output = self.visual_projection(outputs.pooler_output)
+        return outputs
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """The text tower's output with `pooler_output` replaced by the projected (unnormalised) text embedding
+        of shape `[batch, projection_dim]`. Tokenizer extras (`token_type_ids`) are accepted."""
+        outputs = self._encode_text(
+            input_ids,
+            attention_mask,
+            token_type_ids=kwargs.pop("token_type_ids", None),
+            position_ids=kwargs.pop("position_ids", None),
+            **_tower_kwargs(kwargs),
+        )
+        outputs.pooler_output = self.text_projection(outputs.pooler_output)
+        return outputs
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """`exp(logit_scale)` with `logit_scale` clamped at `config.logit_scale_max_value` (ln 100)."""
+        return self.logit_scale.clamp(max=self.config.logit_scale_max_value).exp()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        return_loss: bool = False,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> NdClipOutput | tuple:
+        """
+        Embed images and/or texts; with both, return the similarity logits (and the loss if `return_loss`).
+
+        Args:
+            input_ids, attention_mask (`torch.LongTensor` of shape `(text_batch, seq_len)`): tokenised texts.
+            pixel_values (`torch.FloatTensor` of shape `(image_batch, channels, height, width)`): images as
+                produced by the image processor.
+            return_loss (`bool`): also return the symmetric contrastive loss (needs equal image and text batches,
+                pair i being image i with text i).
+            token_type_ids, position_ids: passed to the text tower when it takes them (ignored by DistilBERT).
+            output_attentions, output_hidden_states: passed to both towers.
+            kwargs: other keys a tokenizer or pipeline adds are ignored (logged once).
+        """
+        if input_ids is None and pixel_values is None:
+            raise ValueError(
+                "NdClipModel.forward got neither `input_ids` (text) nor `pixel_values` (images): pass at least one"
+            )
+        if kwargs:
+            logger.warning_once(f"NdClipModel.forward ignores the inputs {sorted(kwargs)}")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        tower_kwargs = {k: v for k, v in tower_kwargs.items() if v is not None}
+
+        image_embeds = text_embeds = vision_outputs = text_outputs = None
+        if pixel_values is not None:
+            vision_outputs = self._encode_image(pixel_values, **tower_kwargs)
+            image_embeds = nn.functional.normalize(self.visual_projection(vision_outputs.pooler_output), dim=-1)
+        if input_ids is not None:
+            text_outputs = self._encode_text(input_ids, attention_mask, token_type_ids, position_ids, **tower_kwargs)
+            text_embeds = nn.functional.normalize(self.text_projection(text_outputs.pooler_output), dim=-1)
+
+        logits_per_text = logits_per_image = loss = None
+        if image_embeds is not None and text_embeds is not None:
+            logits_per_text = self.clamped_logit_scale() * text_embeds @ image_embeds.t()
+            logits_per_image = logits_per_text.t()
+        if return_loss:
+            if logits_per_text is None:
+                raise ValueError("`return_loss=True` needs both texts (`input_ids`) and images (`pixel_values`)")
+            if logits_per_text.shape[0] != logits_per_text.shape[1]:
+                raise ValueError(
+                    f"`return_loss=True` needs one text per image, got {logits_per_text.shape[0]} texts and "
+                    f"{logits_per_text.shape[1]} images"
+                )
+            loss = ndclip_loss(logits_per_text)
+
+        output = NdClipOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ----- construction from pretrained towers ---------------------------------------------------------------
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_name_or_path: str, text_name_or_path: str, **kwargs
+    ) -> "NdClipModel":
+        """Build an NdCLIP from two pretrained towers (Hub ids or local folders), with freshly initialised heads.
+
+        `kwargs` prefixed `vision_` / `text_` go to that tower's `from_pretrained` (e.g. `vision_revision`,
+        `text_attn_implementation`); the rest set NdCLIP config fields (`projection_dim`, `projection_type`,
+        `text_pooling`, ...). A tower's pooler is not loaded (NdCLIP pools itself).
+        """
+        tower_kwargs = {"vision": {}, "text": {}}
+        for key in list(kwargs):
+            for side in tower_kwargs:
+                if key.startswith(side + "_") and key not in NdClipConfig.__dataclass_fields__:
+                    tower_kwargs[side][key[len(side) + 1 :]] = kwargs.pop(key)
+        vision_config = AutoConfig.from_pretrained(vision_name_or_path, **tower_kwargs["vision"])
+        text_config = AutoConfig.from_pretrained(text_name_or_path, **tower_kwargs["text"])
+        vision_model = build_tower(vision_config, vision_name_or_path, **tower_kwargs["vision"])
+        text_model = build_tower(text_config, text_name_or_path, **tower_kwargs["text"])
+        config = NdClipConfig.from_vision_text_configs(vision_model.config, text_model.config, **kwargs)
+        return cls(config, vision_model=vision_model, text_model=text_model)
+
+    # ----- small switches for common needs (as open_clip's lock_*_tower) -------------------------------------
+
+    def lock_image_tower(self) -> None:
+        """Freeze the vision tower (LiT-style training of the rest)."""
+        self.vision_model.requires_grad_(False)
+
+    def lock_text_tower(self) -> None:
+        """Freeze the text tower."""
+        self.text_model.requires_grad_(False)
+
+    def head_parameter_counts(self) -> dict[str, int]:
+        """Parameters of each projection head, and of a plain linear head of the same shape for comparison."""
+        counts = {
+            "visual_projection": sum(p.numel() for p in self.visual_projection.parameters()),
+            "text_projection": sum(p.numel() for p in self.text_projection.parameters()),
+        }
+        p = self.config.projection_dim
+        counts["linear_equivalent"] = sum(
+            tower_width(c) * p + p for c in (self.config.vision_config, self.config.text_config)
+        )
+        return counts
+
+
+def _tower_kwargs(kwargs: dict) -> dict:
+    """The keyword arguments of `get_*_features` that the towers understand."""
+    return {k: kwargs[k] for k in ("output_attentions", "output_hidden_states") if kwargs.get(k) is not None}
+
+
+NdClipModel.register_for_auto_class("AutoModel")  # save_pretrained copies this file (and the config's)
+
+__all__ = ["NdClipModel", "NdClipPreTrainedModel", "NdClipOutput", "ndclip_loss", "contrastive_loss"]

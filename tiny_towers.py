@@ -1,0 +1,63 @@
+"""Small NdCLIP parts that need no download: tower configs, a WordPiece tokenizer trained on given texts, an image
+processor. The offline demo (`run_clip.py --preset demo`), the tests and the benchmarks build their models here."""
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import DistilBertConfig, DistilBertTokenizer, ViTConfig, ViTImageProcessor
+
+try:
+    from .configuration_ndclip import NdClipConfig
+    from .processing_ndclip import NdClipProcessor
+except ImportError:
+    from configuration_ndclip import NdClipConfig
+    from processing_ndclip import NdClipProcessor
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_length: int = 64) -> DistilBertTokenizer:
+    """A lower-casing WordPiece tokenizer (DistilBERT's kind) trained with the `tokenizers` library on `texts`."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    return DistilBertTokenizer(vocab=tokenizer.get_vocab(), model_max_length=max_length)
+
+
+def tiny_vision_config(image_size: int = 30, patch_size: int = 2, hidden_size: int = 32, layers: int = 2) -> ViTConfig:
+    return ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden_size * 2,
+    )
+
+
+def tiny_text_config(vocab_size: int, dim: int = 32, layers: int = 2, max_length: int = 64) -> DistilBertConfig:
+    return DistilBertConfig(
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=layers,
+        n_heads=4,
+        hidden_dim=dim * 2,
+        max_position_embeddings=max_length,
+    )
+
+
+def tiny_config(vocab_size: int, image_size: int = 30, projection_dim: int = 16, **kwargs) -> NdClipConfig:
+    """An NdCLIP config with tiny towers (ViT image 30 / patch 2 / hidden 32, DistilBERT 2 layers / dim 32)."""
+    return NdClipConfig(
+        vision_config=tiny_vision_config(image_size=image_size).to_dict(),
+        text_config=tiny_text_config(vocab_size).to_dict(),
+        projection_dim=projection_dim,
+        **kwargs,
+    )
+
+
+def tiny_processor(texts: Iterable[str], image_size: int = 30, vocab_size: int = 1000) -> NdClipProcessor:
+    image_processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
+    return NdClipProcessor(image_processor=image_processor, tokenizer=train_wordpiece_tokenizer(texts, vocab_size))
