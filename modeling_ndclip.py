@@ -110,6 +110,10 @@ class NdClipOutput(ModelOutput):
             L2-normalised text embeddings.
         image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
             L2-normalised image embeddings.
+        logit_scale (`torch.FloatTensor` scalar):
+            The temperature the logits were scaled by, `exp(min(logit_scale, ln 100))`. Returned so that a training
+            loop can compute the loss over a batch gathered from several processes with the very scale the model
+            used (under FSDP the parameter itself is only reachable inside `forward`).
         text_model_output (`BaseModelOutputWithPooling`):
             The text tower's output; its `pooler_output` is the pooled, unprojected vector.
         vision_model_output (`BaseModelOutputWithPooling`):
@@ -121,6 +125,7 @@ class NdClipOutput(ModelOutput):
     logits_per_text: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
 
@@ -313,8 +318,9 @@ class NdClipModel(NdClipPreTrainedModel):
             text_embeds = nn.functional.normalize(self.text_projection(text_outputs.pooler_output), dim=-1)
 
         logits_per_text = logits_per_image = loss = None
+        logit_scale = self.clamped_logit_scale()
         if image_embeds is not None and text_embeds is not None:
-            logits_per_text = self.clamped_logit_scale() * text_embeds @ image_embeds.t()
+            logits_per_text = logit_scale * text_embeds @ image_embeds.t()
             logits_per_image = logits_per_text.t()
         if return_loss:
             if logits_per_text is None:
@@ -332,6 +338,7 @@ class NdClipModel(NdClipPreTrainedModel):
             logits_per_text=logits_per_text,
             text_embeds=text_embeds,
             image_embeds=image_embeds,
+            logit_scale=logit_scale,
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )

@@ -1,0 +1,733 @@
+"""Image-caption data for NdCLIP training: loading, cleaning, splitting, transforms and collation.
+
+Every source ends up in one schema, one row per image:
+
+    image     datasets.Image()                 decoded lazily (PIL) when a row is read
+    captions  List(Value("string"))            all non-empty captions of the image
+    image_id  Value("int64")                   0..n-1 within the split, after bad samples are dropped
+    label     ClassLabel                       only when the source has a ClassLabel `label` (zero-shot eval)
+
+Sources (see `load_image_caption_dataset`): a Hub dataset such as `jxie/flickr8k`, local csv/json/parquet files,
+an `imagefolder` with captions in its metadata, and the two common local Flickr8k downloads (Kaggle's
+`Images/` + `captions.txt`, and the original `Flickr8k_Dataset/` + `Flickr8k_text/`). Everything goes through the
+`datasets` library, so the expensive steps (decoding every image once to find the broken ones) are cached.
+"""
+
+import csv
+import io
+import logging
+import os
+import random
+import re
+from collections import Counter, defaultdict
+from functools import partial
+
+import numpy as np
+import PIL.Image
+import torch
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    Image,
+    LargeList,
+    List,
+    Sequence,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+)
+from datasets.exceptions import DatasetGenerationError
+from huggingface_hub.errors import LocalEntryNotFoundError
+from PIL import ImageFile
+from torchvision.transforms import v2
+from transformers.image_transforms import convert_to_rgb
+
+logger = logging.getLogger("image_caption_data")
+
+# Why these names: the columns that image-caption datasets on the Hub and in the wild use for captions and images.
+CAPTION_COLUMN_CANDIDATES = ("captions", "caption", "sentences", "sentence", "texts", "text", "raw", "description")
+IMAGE_PATH_COLUMN_CANDIDATES = ("image_path", "image_file", "file_name", "filename", "filepath", "file_path", "path")
+NUMBERED_CAPTION_COLUMN = re.compile(r"^(?:caption|text|sentence)s?_?(\d+)$")
+SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
+DATA_FILE_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
+CAPTIONS_FEATURE = List(Value("string"))
+EXAMPLES_IN_LOG = 5  # offending names shown per reason
+
+# Reasons a row is dropped, as counted by `drop_unusable_samples`.
+MISSING_FILE = "missing_file"
+NOT_AN_IMAGE = "not_an_image"
+CORRUPT_IMAGE = "corrupt_image"
+NO_CAPTION = "no_caption"
+
+# The original Flickr8k release; its image folder is spelled "Flicker8k_Dataset" in the official zip.
+FLICKR8K_IMAGE_DIRS = ("Flickr8k_Dataset", "Flicker8k_Dataset")
+FLICKR8K_TOKEN_FILE = "Flickr8k.token.txt"
+FLICKR8K_SPLIT_LISTS = {
+    "train": "Flickr_8k.trainImages.txt",
+    "validation": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
+
+
+class DatasetDownloadError(RuntimeError):
+    """A Hub dataset could not be downloaded (offline, or the Hub is unreachable)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_image_caption_dataset(
+    dataset_name=None,
+    dataset_config_name=None,
+    data_dir=None,
+    train_file=None,
+    validation_file=None,
+    image_column=None,
+    caption_column=None,
+    seed=42,
+    validation_fraction=0.1,
+    cache_dir=None,
+    num_proc=None,
+) -> DatasetDict:
+    """Load an image-caption dataset as splits "train", "validation" (and "test" when the source has one).
+
+    Sources, in order of precedence (local data wins over `dataset_name`):
+      - `data_dir`: a Kaggle Flickr8k download (`Images/` + `captions.txt`), the original Flickr8k release
+        (`Flickr8k_Dataset/` or `Flicker8k_Dataset/` + `Flickr8k_text/`), or else an `imagefolder` whose
+        metadata.csv/jsonl holds the captions.
+      - `train_file` / `validation_file`: csv, json/jsonl or parquet files; image paths in them are resolved against
+        the file's folder.
+      - `dataset_name` (+ `dataset_config_name`): a Hub dataset such as `jxie/flickr8k`, or a local dataset folder.
+
+    Captions come from `caption_column` or are detected: numbered columns (`caption_0` ... `caption_4`), a list
+    column, or one string column (several rows of the same image file are then grouped into one image).
+    The image column is `image_column`, else `image`, else the first Image column, else a column of file paths.
+
+    Official splits are kept; without a validation split, "train" is split by image with `seed` and
+    `validation_fraction`, so the captions of one image never straddle train and validation. Unusable rows are
+    dropped from every split (see `drop_unusable_samples`); the returned DatasetDict carries their counts as the
+    attribute `dropped_samples`: {split name: Counter(reason -> number of images)}, read it before any `.map`
+    (which returns a new DatasetDict without it).
+    """
+    splits = _load_normalised_splits(
+        dataset_name, dataset_config_name, data_dir, train_file, validation_file, image_column, caption_column,
+        cache_dir, num_proc,
+    )
+    usable, dropped_samples = {}, {}
+    for split_name, split in splits.items():
+        usable[split_name], dropped_samples[split_name] = drop_unusable_samples(split, split_name, num_proc=num_proc)
+    if "train" not in usable:
+        raise ValueError(f"The data has no 'train' split to train on, only {list(usable)}")
+    if "validation" not in usable:
+        usable["train"], usable["validation"] = _split_by_image(usable["train"], validation_fraction, seed)
+    ordered = [name for name in ("train", "validation", "test") if name in usable]
+    dataset = DatasetDict({name: _number_images(usable[name]) for name in ordered})
+    dataset.dropped_samples = dropped_samples
+    return dataset
+
+
+def _load_normalised_splits(
+    dataset_name, dataset_config_name, data_dir, train_file, validation_file, image_column, caption_column,
+    cache_dir, num_proc,
+) -> dict[str, Dataset]:
+    """The source's splits in the normalised schema (image, captions[, label]), before any cleaning."""
+    if data_dir is not None:
+        if _is_kaggle_flickr8k(data_dir):
+            return _load_kaggle_flickr8k(data_dir, cache_dir)
+        if _find_flickr8k_token_file(data_dir) is not None:
+            return _load_original_flickr8k(data_dir, cache_dir)
+        raw = load_dataset("imagefolder", data_dir=data_dir, cache_dir=cache_dir, num_proc=num_proc)
+        return _normalise_splits(raw, image_column, caption_column, data_dir, data_dir, cache_dir, num_proc)
+    if train_file is not None:
+        files = {"train": train_file, "validation": validation_file}
+        return {
+            split_name: _normalise_split(
+                _load_data_file(path, cache_dir), image_column, caption_column, os.path.dirname(os.path.abspath(path)),
+                path, cache_dir, num_proc,
+            )
+            for split_name, path in files.items()
+            if path is not None
+        }
+    if validation_file is not None:
+        raise ValueError("`validation_file` needs a `train_file` too")
+    if dataset_name is not None:
+        raw = _load_hub_dataset(dataset_name, dataset_config_name, cache_dir, num_proc)
+        return _normalise_splits(raw, image_column, caption_column, None, dataset_name, cache_dir, num_proc)
+    raise ValueError("Give a `dataset_name`, a `data_dir`, or a `train_file` to load image-caption data from")
+
+
+def _load_hub_dataset(dataset_name, dataset_config_name, cache_dir, num_proc) -> DatasetDict:
+    """`load_dataset` with one clear error instead of a long traceback when the Hub cannot be reached."""
+    try:
+        return load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, num_proc=num_proc)
+    except (ConnectionError, LocalEntryNotFoundError) as error:  # datasets/huggingface_hub offline errors
+        raise DatasetDownloadError(
+            f"Could not download the dataset '{dataset_name}' from the Hugging Face Hub ({error}). This machine is "
+            "offline or cannot reach the Hub (and the dataset is not in the local cache). To train offline, use "
+            "local data: --data_dir FOLDER (a Flickr8k download, or an imagefolder with captions in metadata.csv), "
+            "--train_file/--validation_file (csv, json or parquet), or --preset demo (generated data)."
+        ) from None
+
+
+def _load_data_file(path, cache_dir) -> Dataset:
+    """One local csv/json/parquet file as a Dataset; a file that does not parse is a ValueError naming it."""
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in DATA_FILE_BUILDERS:
+        raise ValueError(f"{path}: unsupported data file type '.{extension}'; use one of {sorted(DATA_FILE_BUILDERS)}")
+    try:
+        return load_dataset(DATA_FILE_BUILDERS[extension], data_files=path, split="train", cache_dir=cache_dir)
+    except DatasetGenerationError as error:
+        # The parser's own message (e.g. pandas' "Expected 2 fields in line 3, saw 3") names the line.
+        raise ValueError(f"{path}: could not be read as {extension}: {error.__cause__ or error}") from error
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Normalising any table of images and captions to one row per image
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _normalise_splits(raw: DatasetDict, image_column, caption_column, base_dir, source, cache_dir, num_proc):
+    return {
+        SPLIT_ALIASES.get(name, name): _normalise_split(
+            split, image_column, caption_column, base_dir, f"{source} [{name}]", cache_dir, num_proc
+        )
+        for name, split in raw.items()
+    }
+
+
+def _normalise_split(dataset: Dataset, image_column, caption_column, base_dir, source, cache_dir, num_proc) -> Dataset:
+    """One split in the normalised schema. Image columns stay Image columns (one row per image); path columns are
+    resolved against `base_dir` and their rows grouped by image file."""
+    image_column = _find_image_column(dataset.features, image_column, source)
+    caption_columns = _find_caption_columns(dataset.features, caption_column, image_column, source)
+    keep_label = isinstance(dataset.features.get("label"), ClassLabel) and image_column != "label"
+    if _is_string(dataset.features[image_column]):
+        return _group_rows_by_image_path(dataset, image_column, caption_columns, keep_label, base_dir, cache_dir)
+    captions = _computed_columns(
+        dataset, _gather_captions, caption_columns, Features({"captions": CAPTIONS_FEATURE}), num_proc,
+        desc="Collecting captions",
+    )
+    images = dataset.select_columns([image_column] + (["label"] if keep_label else []))
+    images = images.rename_column(image_column, "image") if image_column != "image" else images
+    return concatenate_datasets([images, captions], axis=1).cast_column("image", Image())
+
+
+def _find_image_column(features: Features, image_column, source) -> str:
+    if image_column is not None:
+        if image_column not in features:
+            raise ValueError(f"{source}: no image column '{image_column}'; columns are {list(features)}")
+        return image_column
+    if "image" in features:
+        return "image"
+    image_columns = [name for name, feature in features.items() if _is_image(feature)]
+    path_columns = [name for name in IMAGE_PATH_COLUMN_CANDIDATES if _is_string(features.get(name))]
+    if not image_columns + path_columns:
+        raise ValueError(f"{source}: no image column found among {list(features)}; pass `image_column`")
+    return (image_columns + path_columns)[0]
+
+
+def _find_caption_columns(features: Features, caption_column, image_column, source) -> list[str]:
+    """The column(s) holding captions: numbered string columns (caption_0..N), a list column, or a string column."""
+    if caption_column is not None:
+        if caption_column in features:
+            return [caption_column]
+        numbered = _numbered_caption_columns(features, prefix=caption_column)
+        if not numbered:
+            raise ValueError(f"{source}: no caption column '{caption_column}'; columns are {list(features)}")
+        return numbered
+    numbered = _numbered_caption_columns(features)
+    if numbered:
+        return numbered
+    candidates = [name for name in CAPTION_COLUMN_CANDIDATES if name in features and name != image_column]
+    for name in candidates:
+        if _is_string_list(features[name]) or _is_string(features[name]):
+            return [name]
+    raise ValueError(
+        f"{source}: no caption column found among {list(features)} (looked for caption_0..N and "
+        f"{', '.join(CAPTION_COLUMN_CANDIDATES)}); pass `caption_column`"
+    )
+
+
+def _numbered_caption_columns(features: Features, prefix=None) -> list[str]:
+    pattern = re.compile(rf"^{re.escape(prefix)}_?(\d+)$") if prefix else NUMBERED_CAPTION_COLUMN
+    numbered = {int(match.group(1)): name for name in features if (match := pattern.match(name))}
+    return [numbered[number] for number in sorted(numbered) if _is_string(features[numbered[number]])]
+
+
+def _is_image(feature) -> bool:
+    # Parquet files written without datasets' metadata hold images as plain {"bytes", "path"} structs.
+    return isinstance(feature, Image) or (isinstance(feature, dict) and set(feature) == {"bytes", "path"})
+
+
+def _is_string(feature) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
+def _is_string_list(feature) -> bool:
+    return isinstance(feature, (Sequence, LargeList)) and _is_string(feature.feature)
+
+
+def _gather_captions(*caption_columns) -> dict:
+    """Batched: one list of captions per row, from one or several columns of strings or lists of strings."""
+    return {"captions": [_captions_of_row(values) for values in zip(*caption_columns)]}
+
+
+def _captions_of_row(values) -> list[str]:
+    captions = []
+    for value in values:
+        if isinstance(value, str):
+            captions.append(value)
+        elif value is not None:
+            captions.extend(text for text in value if text is not None)
+    return captions
+
+
+def _group_rows_by_image_path(dataset, image_column, caption_columns, keep_label, base_dir, cache_dir) -> Dataset:
+    """One row per image file, for tables with one caption (or a few) per row and the image as a file path."""
+    columns = dataset.select_columns([image_column, *caption_columns] + (["label"] if keep_label else [])).to_dict()
+    groups, labels = defaultdict(list), {}
+    for row, path in enumerate(columns[image_column]):
+        if path and base_dir and not os.path.isabs(path):
+            path = os.path.join(base_dir, path)
+        groups[path].extend(_captions_of_row(columns[name][row] for name in caption_columns))
+        if keep_label:
+            labels.setdefault(path, columns["label"][row])
+    table = {"image": list(groups), "captions": list(groups.values())}
+    features = {"image": Value("string"), "captions": CAPTIONS_FEATURE}
+    if keep_label:
+        table["label"], features["label"] = list(labels.values()), dataset.features["label"]
+    return _dataset_of_image_files(table, Features(features), cache_dir)
+
+
+def _dataset_of_image_files(table: dict[str, list], features: Features, cache_dir) -> Dataset:
+    """A Dataset whose "image" column holds file paths, written to the datasets cache with `from_generator` (unlike
+    `from_dict`, which stays in memory) so that the image checks that follow are cached too. The files' sizes and
+    modification times are part of the cache key, so a replaced or repaired image is checked again."""
+    file_stamps = tuple(_file_stamp(path) for path in table["image"])
+    dataset = Dataset.from_generator(
+        _rows_of_table, features=features, cache_dir=cache_dir, gen_kwargs={"table": table, "file_stamps": file_stamps}
+    )
+    return dataset.cast_column("image", Image())
+
+
+def _rows_of_table(table: dict[str, list], file_stamps):
+    del file_stamps  # only part of the cache key
+    for values in zip(*table.values()):
+        yield dict(zip(table, values))
+
+
+def _file_stamp(path):
+    try:
+        status = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return status.st_size, status.st_mtime_ns
+
+
+def _computed_columns(dataset, function, input_columns, features, num_proc, desc) -> Dataset:
+    """Only the columns that batched `function` computes from `input_columns`.
+
+    Why not `dataset.map`: it rewrites every column, image bytes included, into a new cache file. Computing the few
+    small columns alone and joining them back with `concatenate_datasets(axis=1)` leaves the images where they are.
+    """
+    return dataset.select_columns(input_columns).map(
+        function, batched=True, input_columns=input_columns, remove_columns=input_columns, features=features,
+        num_proc=num_proc, desc=desc,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Flickr8k folders
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_kaggle_flickr8k(data_dir) -> bool:
+    return os.path.isfile(os.path.join(data_dir, "captions.txt")) and os.path.isdir(os.path.join(data_dir, "Images"))
+
+
+def _load_kaggle_flickr8k(data_dir, cache_dir) -> dict[str, Dataset]:
+    """The Kaggle download: `Images/` and `captions.txt` (a csv with header `image,caption`). It has no official
+    splits, so everything is "train" and split by image later."""
+    captions = _read_kaggle_captions(os.path.join(data_dir, "captions.txt"))
+    image_dir = os.path.join(data_dir, "Images")
+    table = {"image": [os.path.join(image_dir, name) for name in captions], "captions": list(captions.values())}
+    return {"train": _dataset_of_image_files(table, _image_file_features(), cache_dir)}
+
+
+def _read_kaggle_captions(path) -> dict[str, list[str]]:
+    """{image file name: captions} from a Kaggle-style captions.txt, a real csv: captions with commas are quoted."""
+    captions = defaultdict(list)
+    with open(path, newline="", encoding="utf-8") as file:
+        reader = csv.reader(file)
+        header = next(reader, None)
+        if header is None or [name.strip() for name in header] != ["image", "caption"]:
+            raise ValueError(f"{path}, line 1: expected the header 'image,caption', found {header}")
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != 2:
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: expected 2 fields (image,caption), found {len(row)}: {row}; "
+                    "captions containing commas must be quoted"
+                )
+            captions[row[0].strip()].append(row[1])
+    return captions
+
+
+def _find_flickr8k_token_file(data_dir):
+    for folder in (os.path.join(data_dir, "Flickr8k_text"), data_dir):
+        path = os.path.join(folder, FLICKR8K_TOKEN_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _find_flickr8k_image_dir(data_dir) -> str:
+    """The folder holding the .jpg files; the official zip nests `Flicker8k_Dataset/` (sic) inside itself."""
+    for outer in FLICKR8K_IMAGE_DIRS:
+        for folder in [os.path.join(data_dir, outer, inner) for inner in FLICKR8K_IMAGE_DIRS] + [
+            os.path.join(data_dir, outer)
+        ]:
+            if os.path.isdir(folder) and any(name.lower().endswith(".jpg") for name in os.listdir(folder)):
+                return folder
+    raise ValueError(f"{data_dir}: found {FLICKR8K_TOKEN_FILE} but no image folder {' or '.join(FLICKR8K_IMAGE_DIRS)}")
+
+
+def _load_original_flickr8k(data_dir, cache_dir) -> dict[str, Dataset]:
+    """The original release: images, `Flickr8k.token.txt` and the official train/dev/test lists (6000/1000/1000)."""
+    token_file = _find_flickr8k_token_file(data_dir)
+    image_dir = _find_flickr8k_image_dir(data_dir)
+    captions = _read_flickr8k_tokens(token_file)
+    _skip_captions_of_absent_images(captions, image_dir, token_file)
+    split_lists = {name: os.path.join(os.path.dirname(token_file), file) for name, file in FLICKR8K_SPLIT_LISTS.items()}
+    if not all(os.path.isfile(path) for path in split_lists.values()):
+        logger.warning("%s: no official split lists next to %s; splitting by image", data_dir, token_file)
+        split_names = {"train": list(captions)}
+    else:
+        split_names = {split: _read_split_list(path) for split, path in split_lists.items()}
+    return {
+        split: _dataset_of_image_files(
+            {"image": [os.path.join(image_dir, name) for name in names], "captions": [captions[n] for n in names]},
+            _image_file_features(),
+            cache_dir,
+        )
+        for split, names in split_names.items()
+    }
+
+
+def _read_flickr8k_tokens(path) -> dict[str, list[str]]:
+    """{image file name: captions} from `name.jpg#N<TAB>caption` lines."""
+    captions = defaultdict(list)
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            key, tab, caption = line.rstrip("\n").partition("\t")
+            if not tab:
+                raise ValueError(f"{path}, line {line_number}: expected 'image.jpg#N<TAB>caption', found {line!r}")
+            captions[key.rsplit("#", 1)[0].strip()].append(caption)
+    return captions
+
+
+def _skip_captions_of_absent_images(captions: dict[str, list[str]], image_dir, token_file):
+    """Drop (in place) and log the captions of images that are not in `image_dir`; the real token file names one
+    such image, `2258277193_586949ec62.jpg.1`."""
+    present = set(os.listdir(image_dir))
+    absent = [name for name in captions if name not in present]
+    if absent:
+        lines = sum(len(captions.pop(name)) for name in absent)
+        logger.warning(
+            "%s: skipped %d caption lines of %d images that are not in %s: %s",
+            token_file, lines, len(absent), image_dir, ", ".join(absent[:EXAMPLES_IN_LOG]),
+        )
+
+
+def _read_split_list(path) -> list[str]:
+    with open(path, encoding="utf-8") as file:
+        return [line.strip() for line in file if line.strip()]
+
+
+def _image_file_features() -> Features:
+    return Features({"image": Value("string"), "captions": CAPTIONS_FEATURE})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad samples, splitting, numbering
+# --------------------------------------------------------------------------------------------------------------
+
+
+def drop_unusable_samples(dataset: Dataset, split_name: str, num_proc=None) -> tuple[Dataset, Counter]:
+    """Drop the rows that cannot be trained on, and count them.
+
+    Returns `(usable, dropped)`: the dataset without those rows (and without empty strings inside caption lists),
+    and a `collections.Counter` {reason: number of rows} with the reasons "missing_file", "not_an_image",
+    "corrupt_image" (also truncated files) and "no_caption". Each image is decoded once with PIL (truncated images
+    fail, as `ImageFile.LOAD_TRUNCATED_IMAGES` is False), through `datasets` on an undecoded view, so the check is
+    cached and runs on `num_proc` processes. Grayscale, RGBA, CMYK and palette images are kept: the transforms
+    convert them to RGB. Raises ValueError when nothing usable remains.
+    """
+    view = dataset.cast_column("image", Image(decode=False))
+    # A filter predicate cannot report why it rejects a row, so a map computes the reason and a filter applies it.
+    checks = _computed_columns(
+        view, _check_samples, ["image", "captions"],
+        Features({"captions": CAPTIONS_FEATURE, "unusable_reason": Value("string")}), num_proc,
+        desc=f"Checking {split_name} images",
+    )
+    reasons = checks["unusable_reason"][:]
+    dropped = Counter(reason for reason in reasons if reason)
+    summary = _describe_dropped(view, reasons, dropped)
+    if sum(dropped.values()) == len(dataset):
+        raise ValueError(
+            f"No usable samples remain in split '{split_name}': all {len(dataset)} dropped ({summary or 'no rows'})"
+        )
+    if not dropped:
+        cleaned = checks.remove_columns("unusable_reason")
+        return concatenate_datasets([dataset.remove_columns("captions"), cleaned], axis=1), dropped
+    logger.warning("%s: dropped %d of %d samples: %s", split_name, sum(dropped.values()), len(dataset), summary)
+    checked = concatenate_datasets([dataset.remove_columns("captions"), checks], axis=1)
+    usable = checked.filter(_is_usable, input_columns="unusable_reason", num_proc=num_proc, desc="Dropping")
+    return usable.remove_columns("unusable_reason"), dropped
+
+
+def _check_samples(images, captions) -> dict:
+    """Batched: the captions without empty strings, and why each row is unusable ("" when it is usable)."""
+    cleaned = [[text.strip() for text in texts or [] if text and text.strip()] for texts in captions]
+    reasons = [_image_problem(image) if texts else NO_CAPTION for image, texts in zip(images, cleaned)]
+    return {"captions": cleaned, "unusable_reason": reasons}
+
+
+def _image_problem(image) -> str:
+    """Why an undecoded image ({"bytes", "path"}) cannot be used, or "" if it decodes."""
+    if image is None or (image["bytes"] is None and not image["path"]):
+        return MISSING_FILE
+    source = io.BytesIO(image["bytes"]) if image["bytes"] is not None else image["path"]
+    load_truncated_images = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail here, not be padded with grey in training
+    try:
+        with PIL.Image.open(source) as picture:
+            picture.load()
+    except FileNotFoundError:
+        return MISSING_FILE
+    except PIL.UnidentifiedImageError:
+        return NOT_AN_IMAGE
+    except Exception:  # PIL's decoders fail in many ways on broken files (OSError, SyntaxError, struct.error...)
+        return CORRUPT_IMAGE
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = load_truncated_images
+    return ""
+
+
+def _is_usable(reason) -> bool:
+    return not reason
+
+
+def _describe_dropped(view: Dataset, reasons: list[str], dropped: Counter) -> str:
+    """"2 missing_file (a.jpg, b.jpg), 1 no_caption (c.jpg)": counts and the first few names per reason."""
+    rows = defaultdict(list)
+    for row, reason in enumerate(reasons):
+        if reason and len(rows[reason]) < EXAMPLES_IN_LOG:
+            rows[reason].append(row)
+    parts = []
+    for reason, count in dropped.most_common():
+        names = [_image_name(image, row) for image, row in zip(view.select(rows[reason])["image"][:], rows[reason])]
+        parts.append(f"{count} {reason} ({', '.join(names)}{', ...' if count > len(names) else ''})")
+    return ", ".join(parts)
+
+
+def _image_name(image, row) -> str:
+    return os.path.basename(image["path"]) if image and image["path"] else f"row {row}"
+
+
+def _split_by_image(dataset: Dataset, validation_fraction, seed) -> tuple[Dataset, Dataset]:
+    """Train and validation images, drawn with `seed`. Rows are images, so all captions of one image stay together."""
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be between 0 and 1, got {validation_fraction}")
+    if len(dataset) < 2:
+        raise ValueError(f"Need at least 2 usable images to split off a validation set, found {len(dataset)}")
+    parts = dataset.train_test_split(test_size=validation_fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def _number_images(dataset: Dataset) -> Dataset:
+    """Adds `image_id`: 0..n-1 in row order."""
+    return dataset.add_column("image_id", np.arange(len(dataset), dtype=np.int64))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transforms and collation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_image_transform(image_processor) -> v2.Compose:
+    """PIL image -> float tensor [3, H, W] with mild, caption-safe augmentation.
+
+    A random crop of 80-100% of the image area, with an aspect ratio between 3:4 and 4:3 (the range of the photos
+    themselves, so a crop of a landscape or a portrait photo need not cut one side away), resized to the image
+    processor's size. No horizontal flip (captions say "left" and "right") and no colour jitter (captions name
+    colours).
+    """
+    size, _ = _processor_sizes(image_processor)
+    interpolation = _processor_interpolation(image_processor)
+    return v2.Compose(
+        [
+            v2.Lambda(_to_rgb),
+            v2.ToImage(),
+            v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), interpolation=interpolation),
+            *_to_normalised_float(image_processor),
+        ]
+    )
+
+
+def eval_image_transform(image_processor) -> v2.Compose:
+    """PIL image -> float tensor [3, H, W], the same as `image_processor(images=...)["pixel_values"][0]`."""
+    size, resize = _processor_sizes(image_processor)
+    interpolation = _processor_interpolation(image_processor)
+    return v2.Compose(
+        [
+            v2.Lambda(_to_rgb),
+            v2.ToImage(),
+            v2.Resize(resize, interpolation=interpolation),
+            v2.CenterCrop(size),
+            *_to_normalised_float(image_processor),
+        ]
+    )
+
+
+def _processor_sizes(image_processor) -> tuple[tuple[int, int], int | tuple[int, int]]:
+    """(output size (height, width), what to resize to first): {"height", "width"} resizes to exactly that;
+    {"shortest_edge": n} resizes the shorter side to n and then center-crops to `crop_size` (n x n without one)."""
+    size = image_processor.size
+    if size.get("height") and size.get("width"):
+        return (size["height"], size["width"]), (size["height"], size["width"])
+    shortest_edge = size.get("shortest_edge")
+    if not shortest_edge:
+        raise ValueError(f"Unsupported image processor size {size}; expected height/width or shortest_edge")
+    crop_size = getattr(image_processor, "crop_size", None)
+    if crop_size and getattr(image_processor, "do_center_crop", False):
+        return (crop_size["height"], crop_size["width"]), shortest_edge
+    return (shortest_edge, shortest_edge), shortest_edge
+
+
+def _processor_interpolation(image_processor) -> int:
+    # torchvision's v2 transforms take PIL's resampling constants, which is what image processors store.
+    resample = getattr(image_processor, "resample", None)
+    return int(resample) if resample is not None else int(PIL.Image.Resampling.BILINEAR)
+
+
+def _to_normalised_float(image_processor) -> list:
+    mean, std = image_processor.image_mean, image_processor.image_std
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+def _to_rgb(image):
+    """RGB, with transparency composited onto white, exactly as the image processors' `do_convert_rgb` does."""
+    return convert_to_rgb(image, return_numpy=True)
+
+
+def with_image_transform(dataset: Dataset, image_transform) -> Dataset:
+    """The dataset with an on-the-fly transform: each example gives `pixel_values` (image_transform(image)),
+    `captions`, `image_id`, and `label` when the dataset has one."""
+    return dataset.with_transform(partial(_transform_batch, image_transform=image_transform))
+
+
+def _transform_batch(batch: dict, image_transform) -> dict:
+    transformed = {"pixel_values": [image_transform(image) for image in batch["image"]]}
+    transformed.update({name: batch[name] for name in ("captions", "image_id", "label") if name in batch})
+    return transformed
+
+
+class CaptionCollator:
+    """collate_fn for the image-caption DataLoaders: one caption per image, tokenized, and the images as a batch.
+
+    With `train=True` the caption is drawn from the image's captions by (seed, epoch, image_id) alone, and so is the
+    random crop of `image_transform`: a resumed run, another batch order or another number of workers sees the same
+    captions and crops, and the global random stream (dropout) is left untouched. Call `set_epoch` before each epoch
+    (with `persistent_workers=True` the workers keep the epoch they started with). With `train=False` it takes the
+    first caption, for a stable evaluation loss.
+
+    Examples are rows of the dataset as loaded (`image` is decoded by datasets and transformed here with
+    `image_transform`), or rows of `with_image_transform(...)` that already carry `pixel_values` (then
+    `image_transform` is None). Captions are padded to the longest in the batch and truncated at `max_seq_length`.
+    Returns `pixel_values` [B, 3, H, W], `input_ids` and `attention_mask` [B, L], `image_ids` [B], and `labels` [B]
+    when the examples have a `label`; examples without `captions` (an image-classification set) give no text.
+    """
+
+    def __init__(self, tokenizer, max_seq_length: int = 64, seed: int = 42, train: bool = True, image_transform=None):
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.seed = seed
+        self.train = train
+        self.image_transform = image_transform
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _sample_random(self, image_id: int) -> random.Random:
+        return random.Random(f"{self.seed}-{self.epoch}-{image_id}")
+
+    def choose_caption(self, captions: list[str], image_id: int) -> str:
+        if not self.train:
+            return captions[0]
+        return self._sample_random(image_id).choice(captions)
+
+    def pixel_values(self, example: dict) -> torch.Tensor:
+        if self.image_transform is None:
+            return example["pixel_values"]
+        if not self.train:
+            return self.image_transform(example["image"])
+        # The transform draws from torch's global generator: seed it for this sample only, then restore it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._sample_random(example["image_id"]).getrandbits(63))
+            return self.image_transform(example["image"])
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = {}
+        if "captions" in examples[0]:  # an image-classification set (zero-shot evaluation) has none
+            captions = [self.choose_caption(example["captions"], example["image_id"]) for example in examples]
+            batch = _tokenize(self.tokenizer, captions, self.max_seq_length)
+        batch["pixel_values"] = torch.stack([self.pixel_values(example) for example in examples])
+        batch["image_ids"] = torch.tensor([example["image_id"] for example in examples])
+        if "label" in examples[0]:
+            batch["labels"] = torch.tensor([example["label"] for example in examples])
+        return batch
+
+
+def flatten_captions(dataset: Dataset) -> Dataset:
+    """One row per caption, with columns `image_id` and `caption`, for embedding every caption at evaluation.
+    Pass the dataset as loaded (not the `with_image_transform` view)."""
+    columns = ["image_id", "captions"]
+    return dataset.select_columns(columns).map(
+        _one_row_per_caption, batched=True, remove_columns=columns, desc="Flattening captions"
+    )
+
+
+def _one_row_per_caption(batch: dict) -> dict:
+    image_ids, captions = [], []
+    for image_id, texts in zip(batch["image_id"], batch["captions"]):
+        image_ids.extend([image_id] * len(texts))
+        captions.extend(texts)
+    return {"image_id": image_ids, "caption": captions}
+
+
+class TextCollator:
+    """collate_fn for a DataLoader over `flatten_captions(...)`: `input_ids`, `attention_mask` (padded to the longest
+    caption in the batch, truncated at `max_seq_length`) and `image_ids`."""
+
+    def __init__(self, tokenizer, max_seq_length: int = 64):
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = _tokenize(self.tokenizer, [example["caption"] for example in examples], self.max_seq_length)
+        batch["image_ids"] = torch.tensor([example["image_id"] for example in examples])
+        return batch
+
+
+def _tokenize(tokenizer, texts: list[str], max_seq_length: int) -> dict:
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_seq_length, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}

@@ -1,0 +1,690 @@
+#!/usr/bin/env python
+"""Contrastive training of NdCLIP with accelerate.
+
+    accelerate launch run_clip.py --preset demo --output_dir outputs/demo           # offline, a few minutes on a CPU
+    accelerate launch run_clip.py --output_dir outputs/flickr8k                     # ViT-B/16 + DistilBERT on jxie/flickr8k
+    accelerate launch run_clip.py --data_dir ~/data/Flickr8k --output_dir outputs/f8k  # a local Flickr8k download
+
+The same command trains on one CPU, one GPU, or many GPUs/nodes: the number of processes, mixed precision and
+FSDP/DeepSpeed come from `accelerate config` / `accelerate launch` flags. The script reads top to bottom:
+arguments, data, model, optimizer, training loop (with evaluation and checkpoints), final save.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+import torch.distributed.nn.functional  # all_gather with gradients
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoTokenizer, SchedulerType, get_scheduler
+
+from image_caption_data import (
+    CaptionCollator,
+    TextCollator,
+    eval_image_transform,
+    flatten_captions,
+    load_image_caption_dataset,
+    train_image_transform,
+)
+from modeling_ndclip import NdClipModel, ndclip_loss
+from processing_ndclip import NdClipProcessor
+from retrieval_metrics import chunked_contrastive_loss, retrieval_metrics, zero_shot_accuracy
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PREFIX = "step_"
+TRAINING_STATE_FILE = "training_state.json"
+
+
+# ----- arguments ----------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_name_or_path", help="Continue from a saved NdCLIP (folder or Hub id).")
+    model.add_argument("--vision_model_name_or_path", default="google/vit-base-patch16-224")
+    model.add_argument("--text_model_name_or_path", default="distilbert-base-uncased")
+    model.add_argument("--tokenizer_name", help="Default: the text tower's tokenizer.")
+    model.add_argument("--image_processor_name", help="Default: the vision tower's image processor.")
+    model.add_argument("--projection_dim", type=int, default=256)
+    model.add_argument("--projection_type", choices=["ndlinear", "linear"], default="ndlinear")
+    model.add_argument("--vision_pooling", choices=["cls", "mean"], default="cls")
+    model.add_argument("--text_pooling", choices=["cls", "mean"], default="mean")
+    model.add_argument("--freeze_vision_model", action="store_true")
+    model.add_argument("--freeze_text_model", action="store_true")
+    model.add_argument("--gradient_checkpointing", action="store_true")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", default="jxie/flickr8k")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--data_dir", help="A local Flickr8k folder (either layout) or an imagefolder.")
+    data.add_argument("--train_file", help="csv, json or parquet with an image and caption(s) per row.")
+    data.add_argument("--validation_file")
+    data.add_argument("--image_column")
+    data.add_argument("--caption_column")
+    data.add_argument("--max_seq_length", type=int, default=64)
+    data.add_argument("--max_train_samples", type=int, help="Keep the first N training images (for quick runs).")
+    data.add_argument("--max_eval_samples", type=int, help="Keep the first N evaluation images.")
+    data.add_argument("--eval_split", default="validation", help="`validation` or `test`.")
+    data.add_argument("--validation_fraction", type=float, default=0.1, help="Held out by image when no split exists.")
+    data.add_argument("--preprocessing_num_workers", type=int)
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--zero_shot_dataset", help="An image-classification dataset (Hub id or folder) for zero-shot.")
+    data.add_argument("--zero_shot_split", default="test")
+    data.add_argument("--zero_shot_template", default="a photo of a {}.")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--per_device_train_batch_size", type=int, default=32)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    train.add_argument("--learning_rate", type=float, default=5e-5)
+    train.add_argument("--weight_decay", type=float, default=0.1)
+    train.add_argument("--num_train_epochs", type=int, default=3)
+    train.add_argument("--max_train_steps", type=int, help="Overrides the number of epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=list(SchedulerType))
+    train.add_argument("--num_warmup_steps", type=int, default=0)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--preset", choices=["demo"], help="`demo`: offline generated data and tiny towers.")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_dir", required=True)
+    out.add_argument("--checkpointing_steps", help="Save the training state every N steps, or `epoch`.")
+    out.add_argument("--checkpoints_total_limit", type=int, help="Keep at most this many checkpoints.")
+    out.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or `latest` (in output_dir).")
+    out.add_argument("--eval_steps", type=int, help="Evaluate every N steps (default: at the end of every epoch).")
+    out.add_argument("--logging_steps", type=int, default=10)
+    out.add_argument("--with_tracking", action="store_true", help="Log through accelerate's trackers.")
+    out.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, ..., or `all`.")
+    out.add_argument("--push_to_hub", action="store_true")
+    out.add_argument("--hub_model_id", help="`user/name` of the Hub repository.")
+    out.add_argument("--hub_token")
+    out.add_argument("--hub_private_repo", action="store_true")
+    out.add_argument("--push_checkpoints", action="store_true", help="Also push the model at every checkpoint.")
+
+    args = parser.parse_args(argv)
+    if args.preset == "demo":
+        apply_demo_preset(args, parser)
+    validate_args(args)
+    return args
+
+
+def apply_demo_preset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The demo's training settings, for every option left at its default on the command line."""
+    from demo_data import DEMO_TRAINING_DEFAULTS
+
+    for key, value in DEMO_TRAINING_DEFAULTS.items():
+        if getattr(args, key) == parser.get_default(key):
+            setattr(args, key, value)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    steps = args.checkpointing_steps
+    if steps is not None and steps != "epoch" and not (steps.isdigit() and int(steps) > 0):
+        raise SystemExit(f"--checkpointing_steps must be a positive integer or `epoch`, got {steps!r}")
+    if args.push_to_hub and not args.hub_model_id:
+        raise SystemExit("--push_to_hub needs --hub_model_id (e.g. `your-name/ndclip-flickr8k`)")
+    if args.eval_split not in ("validation", "test"):
+        raise SystemExit(f"--eval_split must be `validation` or `test`, got {args.eval_split!r}")
+
+
+# ----- model and data -----------------------------------------------------------------------------------------------
+
+
+def build_model_and_processor(args, demo_dataset=None) -> tuple[NdClipModel, NdClipProcessor]:
+    if demo_dataset is not None:
+        from demo_data import demo_model_and_processor
+
+        return demo_model_and_processor(demo_dataset, seed=args.seed)
+    if args.model_name_or_path:
+        return NdClipModel.from_pretrained(args.model_name_or_path), NdClipProcessor.from_pretrained(
+            args.model_name_or_path
+        )
+    model = NdClipModel.from_vision_text_pretrained(
+        args.vision_model_name_or_path,
+        args.text_model_name_or_path,
+        projection_dim=args.projection_dim,
+        projection_type=args.projection_type,
+        vision_pooling=args.vision_pooling,
+        text_pooling=args.text_pooling,
+    )
+    image_processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.vision_model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.text_model_name_or_path)
+    return model, NdClipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def load_data(args) -> datasets.DatasetDict:
+    if args.preset == "demo" and not (args.data_dir or args.train_file):
+        from demo_data import make_demo_dataset
+
+        return make_demo_dataset(seed=args.seed)
+    use_hub = not (args.data_dir or args.train_file)
+    return load_image_caption_dataset(
+        dataset_name=args.dataset_name if use_hub else None,
+        dataset_config_name=args.dataset_config_name,
+        data_dir=args.data_dir,
+        train_file=args.train_file,
+        validation_file=args.validation_file,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        seed=args.seed,
+        validation_fraction=args.validation_fraction,
+        num_proc=args.preprocessing_num_workers,
+    )
+
+
+def truncate(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decoupled weight decay on weight matrices only: not on biases, norms, embeddings' scale or `logit_scale`."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "norm" in name.lower() or name.endswith("logit_scale"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----- the loss over the global batch -------------------------------------------------------------------------------
+
+
+def gather_with_grad(tensor: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """All processes' rows, in process order, with gradients flowing back to each process's own rows.
+
+    `torch.distributed.nn.functional.all_gather` sums the gradients of every copy in its backward; each process
+    computes the same global loss, so its rows receive `world_size` times their gradient, which DDP's gradient
+    averaging divides back out: N processes x batch b train exactly like 1 process x batch N*b.
+    """
+    if accelerator.num_processes == 1:
+        return tensor
+    return torch.cat(torch.distributed.nn.functional.all_gather(tensor.contiguous()), dim=0)
+
+
+def global_contrastive_loss(outputs, accelerator: Accelerator) -> torch.Tensor:
+    image_embeds = gather_with_grad(outputs.image_embeds.float(), accelerator)
+    text_embeds = gather_with_grad(outputs.text_embeds.float(), accelerator)
+    logits_per_text = outputs.logit_scale.float() * text_embeds @ image_embeds.t()
+    return ndclip_loss(logits_per_text)
+
+
+# ----- evaluation ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def embed_eval_split(model, image_loader, caption_loader, accelerator) -> dict[str, torch.Tensor]:
+    """Embeddings of every evaluation image (with its first caption, for the eval loss) and of every caption."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("images", "first", "image_ids", "labels", "texts", "text_ids")}
+    logit_scale = None
+    for batch in image_loader:
+        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logit_scale = out.logit_scale
+        gathered = accelerator.gather_for_metrics((out.image_embeds.float(), out.text_embeds.float(), batch["image_ids"]))
+        for key, value in zip(("images", "first", "image_ids"), gathered):
+            parts[key].append(value)
+        if "labels" in batch:
+            parts["labels"].append(accelerator.gather_for_metrics(batch["labels"]))
+    for batch in caption_loader:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        texts, ids = accelerator.gather_for_metrics((out.text_embeds.float(), batch["image_ids"]))
+        parts["texts"].append(texts)
+        parts["text_ids"].append(ids)
+    embeddings = {k: torch.cat(v).cpu() for k, v in parts.items() if v}
+    embeddings["logit_scale"] = logit_scale.float().cpu()
+    return embeddings
+
+
+@torch.no_grad()
+def embed_class_prompts(model, tokenizer, class_names: list[str], template: str, device) -> torch.Tensor:
+    prompts = tokenizer([template.format(name) for name in class_names], padding=True, return_tensors="pt").to(device)
+    return model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"]).text_embeds.float().cpu()
+
+
+def evaluate(model, loaders, processor, accelerator, args, class_names=None, zero_shot=None) -> dict:
+    model.eval()
+    emb = embed_eval_split(model, loaders["images"], loaders["captions"], accelerator)
+    metrics = retrieval_metrics(emb["images"], emb["texts"], emb["text_ids"], image_ids=emb["image_ids"])
+    metrics["eval_loss"] = chunked_contrastive_loss(
+        emb["images"], emb["first"], emb["logit_scale"], args.per_device_eval_batch_size
+    )
+    if class_names and "labels" in emb:
+        prompts = embed_class_prompts(model, processor.tokenizer, class_names, args.zero_shot_template, accelerator.device)
+        metrics["zero_shot_accuracy"] = zero_shot_accuracy(emb["images"], emb["labels"], prompts)
+        metrics["zero_shot_chance"] = 1.0 / len(class_names)
+    if zero_shot is not None:
+        metrics.update(evaluate_zero_shot_dataset(model, zero_shot, processor, accelerator, args))
+    model.train()
+    return metrics
+
+
+def load_zero_shot_dataset(args):
+    """`--zero_shot_dataset`: any image-classification set with label names (a Hub id, or a local imagefolder)."""
+    if os.path.isdir(args.zero_shot_dataset):
+        dataset = datasets.load_dataset("imagefolder", data_dir=args.zero_shot_dataset, split="train")
+    else:
+        dataset = datasets.load_dataset(args.zero_shot_dataset, split=args.zero_shot_split)
+    label_columns = [n for n, f in dataset.features.items() if isinstance(f, datasets.ClassLabel)]
+    image_columns = [n for n, f in dataset.features.items() if isinstance(f, datasets.Image)]
+    if not label_columns or not image_columns:
+        raise SystemExit(
+            f"--zero_shot_dataset {args.zero_shot_dataset!r} needs an Image column and a ClassLabel column with label "
+            f"names; it has {dict(dataset.features)}"
+        )
+    dataset = dataset.rename_columns({image_columns[0]: "image", label_columns[0]: "label"})
+    dataset = dataset.select_columns(["image", "label"])
+    return dataset, dataset.features["label"].names
+
+
+@torch.no_grad()
+def evaluate_zero_shot_dataset(model, zero_shot, processor, accelerator, args) -> dict:
+    loader, names = zero_shot
+    images, labels = [], []
+    for batch in loader:
+        out = model(pixel_values=batch["pixel_values"])
+        embeds, batch_labels = accelerator.gather_for_metrics((out.image_embeds.float(), batch["labels"]))
+        images.append(embeds)
+        labels.append(batch_labels)
+    prompts = embed_class_prompts(model, processor.tokenizer, names, args.zero_shot_template, accelerator.device)
+    return {
+        "zero_shot_accuracy": zero_shot_accuracy(torch.cat(images).cpu(), torch.cat(labels).cpu(), prompts),
+        "zero_shot_chance": 1.0 / len(names),
+        "zero_shot_dataset": args.zero_shot_dataset,
+    }
+
+
+# ----- checkpoints that survive a crash -----------------------------------------------------------------------------
+
+
+def checkpoint_dirs(output_dir: str) -> list[Path]:
+    """Complete checkpoints, oldest first. A save in progress lives in a `.tmp` folder and is never listed."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def save_checkpoint(accelerator: Accelerator, args, state: dict) -> Path:
+    """Save the full training state atomically: write into a temporary folder, then rename it into place.
+
+    accelerate's own `total_limit` deletes old checkpoints *before* writing the new one; here the old ones are only
+    pruned once the new one is complete, so a crash during a save never loses the last good checkpoint.
+    """
+    root = Path(args.output_dir) / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{state['completed_steps']}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if args.checkpoints_total_limit:
+            for old in checkpoint_dirs(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_checkpoint(args) -> Path | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoint_dirs(args.output_dir)
+        return found[-1] if found else None  # nothing saved yet: start from scratch
+    path = Path(args.resume_from_checkpoint)
+    if not (path / TRAINING_STATE_FILE).is_file():
+        raise SystemExit(f"--resume_from_checkpoint {path}: not a checkpoint folder (no {TRAINING_STATE_FILE})")
+    return path
+
+
+# ----- logging ------------------------------------------------------------------------------------------------------
+
+
+class MetricsHistory:
+    """`metrics.jsonl` in the output folder: one line per logged training step or evaluation (main process only)."""
+
+    def __init__(self, output_dir: str, accelerator: Accelerator):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.accelerator = accelerator
+
+    def drop_after(self, step: int) -> None:
+        """On resume, forget what a killed run logged after its checkpoint: those steps are trained again."""
+        if self.accelerator.is_main_process and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict, tracking: bool) -> None:
+        if tracking:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def plot_history(output_dir: str) -> list[Path]:
+    """PNG plots of the training loss and of the retrieval recalls, drawn from `metrics.jsonl`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    paths = [Path(output_dir) / "loss.png", Path(output_dir) / "retrieval_recall.png"]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set(xlabel="optimizer step", ylabel="contrastive loss", title="NdCLIP training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for direction, style in (("image_to_text", "-"), ("text_to_image", "--")):
+        for k in (1, 5, 10):
+            key = f"{direction}_recall@{k}"
+            ax.plot([r["step"] for r in evals], [r[key] for r in evals], style, marker="o", label=key)
+    ax.set(xlabel="optimizer step", ylabel="recall", ylim=(0, 1), title="Retrieval recall on the evaluation split")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+# ----- main ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # accelerate: processes, devices and mixed precision come from `accelerate launch`. A seedable sampler makes the
+    # shuffling a function of (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    # Data: loaded and validated once (the main process first, the others then read datasets' cache).
+    with accelerator.main_process_first():
+        raw = load_data(args)
+    for split, reasons in getattr(raw, "dropped_samples", {}).items():
+        if reasons:
+            logger.warning(f"skipped unusable samples in `{split}`: {dict(reasons)}")
+    if args.eval_split not in raw:
+        raise SystemExit(f"--eval_split {args.eval_split!r} is not in the data set (splits: {', '.join(raw)})")
+    train_split = truncate(raw["train"], args.max_train_samples)
+    eval_split = truncate(raw[args.eval_split], args.max_eval_samples)
+    class_names = eval_split.features["label"].names if "label" in eval_split.features else None
+
+    # Model
+    model, processor = build_model_and_processor(args, demo_dataset=raw if args.preset == "demo" else None)
+    if args.freeze_vision_model:
+        model.lock_image_tower()
+    if args.freeze_text_model:
+        model.lock_text_tower()
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+
+    image_processor, tokenizer = processor.image_processor, processor.tokenizer
+    # Images are transformed on the fly in the collators: the training crop and caption are functions of
+    # (seed, epoch, image), the evaluation transform is the image processor's deterministic resize.
+    train_collator = CaptionCollator(
+        tokenizer, args.max_seq_length, seed=args.seed, image_transform=train_image_transform(image_processor)
+    )
+    eval_collator = CaptionCollator(
+        tokenizer, args.max_seq_length, train=False, image_transform=eval_image_transform(image_processor)
+    )
+    loader_kwargs = {"num_workers": args.dataloader_num_workers}
+    train_loader = DataLoader(
+        train_split,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=True,  # the contrastive loss wants full batches, the same size on every process
+        collate_fn=train_collator,
+        # The loader draws worker seeds from its own generator, not the global one that dropout uses: a resumed
+        # run's global random stream then continues exactly where the checkpoint left it.
+        generator=torch.Generator().manual_seed(args.seed),
+        **loader_kwargs,
+    )
+    eval_loaders = {
+        "images": DataLoader(eval_split, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator, **loader_kwargs),
+        "captions": DataLoader(
+            flatten_captions(eval_split),
+            batch_size=args.per_device_eval_batch_size * 4,
+            collate_fn=TextCollator(tokenizer, max_seq_length=args.max_seq_length),
+            **loader_kwargs,
+        ),
+    }
+    zero_shot = None
+    if args.zero_shot_dataset:
+        with accelerator.main_process_first():
+            zs_data, zs_names = load_zero_shot_dataset(args)
+        zero_shot = (DataLoader(zs_data, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator), zs_names)
+    if len(train_loader) == 0:
+        raise SystemExit(
+            f"the training split has {len(train_split)} usable images, fewer than one batch of "
+            f"--per_device_train_batch_size {args.per_device_train_batch_size}"
+        )
+
+    # Optimizer and schedule: AdamW with decoupled weight decay, warmup, then the chosen schedule.
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, args.weight_decay), lr=args.learning_rate)
+    updates_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=args.max_train_steps,
+    )
+
+    model, optimizer, train_loader, lr_scheduler = accelerator.prepare(model, optimizer, train_loader, lr_scheduler)
+    eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
+    if zero_shot is not None:
+        zero_shot = (accelerator.prepare(zero_shot[0]), zero_shot[1])
+    unwrapped = accelerator.unwrap_model(model)
+
+    if args.with_tracking:
+        config = {k: (v.value if hasattr(v, "value") else v) for k, v in vars(args).items()}
+        accelerator.init_trackers("ndclip", {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
+
+    history = MetricsHistory(args.output_dir, accelerator)
+    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"training on {len(train_split)} images ({accelerator.num_processes} processes, global batch {total_batch}), "
+        f"evaluating on {len(eval_split)} images of `{args.eval_split}`; {args.max_train_steps} optimizer steps"
+    )
+
+    # Resume: weights, optimizer, schedule and random states from the checkpoint; the data position from its state.
+    completed_steps, start_epoch, skip_batches = 0, 0, 0
+    checkpoint = resolve_checkpoint(args)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / TRAINING_STATE_FILE).read_text())
+        completed_steps, start_epoch, skip_batches = state["completed_steps"], state["epoch"], state["batches_in_epoch"]
+        history.drop_after(completed_steps)
+        logger.info(f"resumed from {checkpoint} at step {completed_steps} (epoch {start_epoch}, batch {skip_batches})")
+
+    progress = tqdm(
+        range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train"
+    )
+    eval_results = None
+    for epoch in range(start_epoch, args.num_train_epochs):
+        model.train()
+        train_loader.set_epoch(epoch)
+        train_collator.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        batches_in_epoch, skip_batches = skip_batches, 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                outputs = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+                )
+                loss = global_contrastive_loss(outputs, accelerator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            batches_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
+                record = {
+                    "step": completed_steps,
+                    "epoch": epoch,
+                    "loss": loss.item(),
+                    "learning_rate": lr_scheduler.get_last_lr()[0],
+                    "logit_scale": outputs.logit_scale.item(),
+                }
+                progress.set_postfix(loss=f"{record['loss']:.4f}")
+                history.log(record, args.with_tracking)
+            if args.eval_steps and completed_steps % args.eval_steps == 0:
+                eval_results = run_evaluation(model, eval_loaders, processor, accelerator, args, history, completed_steps, epoch, class_names, zero_shot)
+            if args.checkpointing_steps not in (None, "epoch") and completed_steps % int(args.checkpointing_steps) == 0:
+                save_training_checkpoint(accelerator, args, unwrapped, processor, completed_steps, epoch, batches_in_epoch)
+            if completed_steps >= args.max_train_steps:
+                break
+        if not args.eval_steps or completed_steps % args.eval_steps:
+            eval_results = run_evaluation(model, eval_loaders, processor, accelerator, args, history, completed_steps, epoch, class_names, zero_shot)
+        if args.checkpointing_steps == "epoch":
+            save_training_checkpoint(accelerator, args, unwrapped, processor, completed_steps, epoch + 1, 0)
+        if completed_steps >= args.max_train_steps:
+            break
+    progress.close()
+    if eval_results is None:  # resumed from the very end of a finished run
+        eval_results = run_evaluation(model, eval_loaders, processor, accelerator, args, history, completed_steps, epoch, class_names, zero_shot)
+
+    # Final save: the Hub-ready folder (safetensors weights, config with auto_map, code files, processor, card).
+    accelerator.wait_for_everyone()
+    save_hub_folder(accelerator, args, unwrapped, model, processor, eval_results)
+    if accelerator.is_main_process:
+        plot_history(args.output_dir)
+        if args.push_to_hub:
+            push_folder(args, f"NdCLIP trained for {completed_steps} steps")
+    if args.with_tracking:
+        accelerator.end_training()
+    return eval_results
+
+
+def run_evaluation(model, loaders, processor, accelerator, args, history, step, epoch, class_names, zero_shot) -> dict:
+    metrics = evaluate(model, loaders, processor, accelerator, args, class_names=class_names, zero_shot=zero_shot)
+    results = {**metrics, "split": args.eval_split, "step": step, "epoch": epoch}
+    history.log(results, args.with_tracking)
+    if accelerator.is_main_process:
+        (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
+    summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    logger.info(f"eval at step {step}: {summary}")
+    if "zero_shot_accuracy" in metrics:
+        logger.info(
+            f"zero-shot accuracy {metrics['zero_shot_accuracy']:.3f} (chance level {metrics['zero_shot_chance']:.3f})"
+        )
+    return results
+
+
+def save_training_checkpoint(accelerator, args, unwrapped, processor, step, epoch, batches_in_epoch) -> None:
+    path = save_checkpoint(
+        accelerator, args, {"completed_steps": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+    )
+    logger.info(f"saved checkpoint {path}")
+    if args.push_to_hub and args.push_checkpoints:
+        save_hub_folder(accelerator, args, unwrapped, None, processor, None)
+        if accelerator.is_main_process:
+            push_folder(args, f"checkpoint at step {step}")
+
+
+def save_hub_folder(accelerator, args, unwrapped, model, processor, eval_results) -> None:
+    state_dict = accelerator.get_state_dict(model) if model is not None else None
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
+        processor.save_pretrained(args.output_dir)
+        write_card(args, unwrapped, eval_results)
+
+
+def write_card(args, model, eval_results) -> None:
+    from model_card import write_model_card
+
+    trained_on = "demo (generated)" if args.preset == "demo" and not (args.data_dir or args.train_file) else None
+    dataset = trained_on or (args.dataset_name if not (args.data_dir or args.train_file) else None)
+    training_args = {
+        k: v
+        for k, v in vars(args).items()
+        if k in {
+            "learning_rate", "weight_decay", "num_train_epochs", "max_train_steps", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "lr_scheduler_type", "num_warmup_steps", "seed", "max_seq_length",
+            "freeze_vision_model", "freeze_text_model", "projection_dim", "projection_type", "preset",
+        }
+    }
+    training_args["lr_scheduler_type"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    base_models = None if args.preset == "demo" or args.model_name_or_path else [
+        args.vision_model_name_or_path,
+        args.text_model_name_or_path,
+    ]
+    write_model_card(
+        args.output_dir,
+        model,
+        eval_results=eval_results,
+        training_args=training_args,
+        dataset_name=dataset,
+        base_models=base_models,
+        repo_id=args.hub_model_id,
+    )
+
+
+def push_folder(args, message: str) -> None:
+    """Upload the Hub-ready output folder (not the training checkpoints or tracker logs)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.hub_token)
+    api.create_repo(args.hub_model_id, private=args.hub_private_repo, exist_ok=True)
+    api.upload_folder(
+        repo_id=args.hub_model_id,
+        folder_path=args.output_dir,
+        commit_message=message,
+        ignore_patterns=["checkpoints/**", "runs/**", "ndclip/**", "*.tmp*"],
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
