@@ -162,5 +162,7 @@ class NdClipConfig(PreTrainedConfig):
 
 
 NdClipConfig.register_for_auto_class()  # save_pretrained copies this file next to config.json
+# Where this file is imported (this repository, a training script), `AutoConfig` knows `ndclip` without remote code.
+AutoConfig.register("ndclip", NdClipConfig, exist_ok=True)
 
 __all__ = ["NdClipConfig"]

@@ -691,7 +691,8 @@ class CaptionCollator:
             captions = [self.choose_caption(example["captions"], example["image_id"]) for example in examples]
             batch = _tokenize(self.tokenizer, captions, self.max_seq_length)
         batch["pixel_values"] = torch.stack([self.pixel_values(example) for example in examples])
-        batch["image_ids"] = torch.tensor([example["image_id"] for example in examples])
+        if "image_id" in examples[0]:
+            batch["image_ids"] = torch.tensor([example["image_id"] for example in examples])
         if "label" in examples[0]:
             batch["labels"] = torch.tensor([example["label"] for example in examples])
         return batch

@@ -397,5 +397,6 @@ def _tower_kwargs(kwargs: dict) -> dict:
 
 
 NdClipModel.register_for_auto_class("AutoModel")  # save_pretrained copies this file (and the config's)
+AutoModel.register(NdClipConfig, NdClipModel, exist_ok=True)  # `AutoModel` without remote code where imported
 
 __all__ = ["NdClipModel", "NdClipPreTrainedModel", "NdClipOutput", "ndclip_loss", "contrastive_loss"]

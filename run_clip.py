@@ -26,13 +26,14 @@ import torch.distributed.nn.functional  # all_gather with gradients
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, SchedulerType, get_scheduler
 
 from image_caption_data import (
     CaptionCollator,
+    DatasetDownloadError,
     TextCollator,
     eval_image_transform,
     flatten_captions,
@@ -146,6 +147,18 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def build_model_and_processor(args, demo_dataset=None) -> tuple[NdClipModel, NdClipProcessor]:
+    try:
+        return _build_model_and_processor(args, demo_dataset)
+    except OSError as error:  # transformers' "couldn't connect / not a local folder" errors are OSErrors
+        names = args.model_name_or_path or f"{args.vision_model_name_or_path} / {args.text_model_name_or_path}"
+        raise SystemExit(
+            f"run_clip.py: could not load the model {names}: {str(error).splitlines()[0]}\n"
+            "Without network, train offline with `--preset demo`, or point --model_name_or_path (a saved NdCLIP) or "
+            "--vision_model_name_or_path / --text_model_name_or_path at local folders."
+        ) from None
+
+
+def _build_model_and_processor(args, demo_dataset=None) -> tuple[NdClipModel, NdClipProcessor]:
     if demo_dataset is not None:
         from demo_data import demo_model_and_processor
 
@@ -425,11 +438,15 @@ def main(argv=None):
     # shuffling a function of (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # The schedule advances once per optimizer step (run_clip steps it on synchronised steps only), whatever
+        # the number of processes: `num_training_steps` is then simply `max_train_steps`.
+        step_scheduler_with_optimizer=False,
         log_with=args.report_to if args.with_tracking else None,
-        project_dir=args.output_dir,
+        project_config=ProjectConfiguration(args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown ours
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
@@ -497,26 +514,28 @@ def main(argv=None):
         with accelerator.main_process_first():
             zs_data, zs_names = load_zero_shot_dataset(args)
         zero_shot = (DataLoader(zs_data, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator), zs_names)
-    if len(train_loader) == 0:
-        raise SystemExit(
-            f"the training split has {len(train_split)} usable images, fewer than one batch of "
-            f"--per_device_train_batch_size {args.per_device_train_batch_size}"
-        )
 
-    # Optimizer and schedule: AdamW with decoupled weight decay, warmup, then the chosen schedule.
+    # Optimizer and schedule: AdamW with decoupled weight decay, warmup, then the chosen schedule. The schedule is
+    # sized from the prepared loader, whose length is the number of batches *this* process sees per epoch.
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, args.weight_decay), lr=args.learning_rate)
-    updates_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    if updates_per_epoch == 0:
+        raise SystemExit(
+            f"the training split has {len(train_split)} usable images, fewer than one global batch of "
+            f"{args.per_device_train_batch_size} x {accelerator.num_processes} processes"
+        )
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=args.num_warmup_steps,
-        num_training_steps=args.max_train_steps,
+    lr_scheduler = accelerator.prepare(
+        get_scheduler(
+            args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=args.num_warmup_steps,
+            num_training_steps=args.max_train_steps,
+        )
     )
-
-    model, optimizer, train_loader, lr_scheduler = accelerator.prepare(model, optimizer, train_loader, lr_scheduler)
     eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
     if zero_shot is not None:
         zero_shot = (accelerator.prepare(zero_shot[0]), zero_shot[1])
@@ -563,7 +582,8 @@ def main(argv=None):
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
+                if accelerator.sync_gradients:
+                    lr_scheduler.step()
                 optimizer.zero_grad()
             batches_in_epoch += 1
             if not accelerator.sync_gradients:
@@ -682,9 +702,12 @@ def push_folder(args, message: str) -> None:
         repo_id=args.hub_model_id,
         folder_path=args.output_dir,
         commit_message=message,
-        ignore_patterns=["checkpoints/**", "runs/**", "ndclip/**", "*.tmp*"],
+        ignore_patterns=["checkpoints/**", "runs/**"],
     )
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    try:
+        main()
+    except DatasetDownloadError as error:  # offline without local data: one clear message, not a traceback
+        sys.exit(f"run_clip.py: {error}")

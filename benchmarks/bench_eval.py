@@ -1,0 +1,200 @@
+"""Evaluation: time and peak memory of the full retrieval evaluation (`retrieval_metrics.retrieval_metrics`:
+image->text and text->image recall@1/5/10 and median ranks) for 1000 images x 5000 captions and for 10x that
+(10,000 x 50,000), embeddings given, showing that its memory stays bounded.
+
+The embeddings are random, L2-normalised, `--dim` wide (256, NdCLIP's projection), 5 captions per image, each
+caption its image's embedding plus noise. The baseline is the naive evaluation that materialises the whole
+`[images, captions]` similarity matrix (and boolean masks of the same shape); it is checked to give the same
+metrics, and it is run at the small size only: at 10,000 x 50,000 its similarity matrix alone would take
+10,000 x 50,000 x 4 bytes = 2.0 GB, which is computed and reported instead.
+
+Time: the naive and the chunked evaluation run interleaved after a warmup, medians and their ratio; the large
+size runs the chunked one only. Peak memory: each configuration in a fresh subprocess (`--memory_child`), which
+builds the embeddings, then resets the peak and runs the evaluation once; the extra memory is the peak minus the
+memory before the evaluation. On CPU that is the resident set size and the kernel's `VmHWM` reset through
+`/proc/self/clear_refs`; on CUDA, `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`.
+`chunked_bound_bytes` is the bound the chunking promises: one chunk of `chunk_size x max(images, captions)`
+float32 similarities.
+
+    python benchmarks/bench_eval.py
+    python benchmarks/bench_eval.py --device cuda --chunk_size 4096
+"""
+
+import argparse
+import gc
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (common.py puts the repo root on sys.path)
+
+from common import (  # noqa: E402
+    PeakMemory,
+    add_common_args,
+    emit,
+    finish,
+    hardware_info,
+    mib,
+    run_child,
+    setup_torch,
+    summarize,
+    time_interleaved,
+)
+
+import torch  # noqa: E402
+
+from retrieval_metrics import retrieval_metrics  # noqa: E402
+
+KS = (1, 5, 10)
+FLOAT_BYTES = 4
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1000, help="images of the small size (captions: 5x)")
+    parser.add_argument("--scale", type=int, default=10, help="the large size has this many times more of both")
+    parser.add_argument("--captions_per_image", type=int, default=5)
+    parser.add_argument("--dim", type=int, default=256, help="embedding width")
+    parser.add_argument("--chunk_size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5, help="timed runs per candidate at the small size")
+    parser.add_argument("--large_steps", type=int, default=2, help="timed runs at the large size")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--memory_child", choices=("naive", "chunked"), default=None, help=argparse.SUPPRESS)
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def make_embeddings(num_images: int, captions_per_image: int, dim: int, seed: int, device: str):
+    """L2-normalised image embeddings, and `captions_per_image` noisy copies of each as caption embeddings."""
+    generator = torch.Generator().manual_seed(seed)
+    image_embeds = torch.nn.functional.normalize(torch.randn(num_images, dim, generator=generator), dim=-1)
+    text_image_ids = torch.arange(num_images).repeat_interleave(captions_per_image)
+    noise = torch.randn(len(text_image_ids), dim, generator=generator).mul_(0.1)
+    text_embeds = torch.nn.functional.normalize(noise.add_(image_embeds[text_image_ids]), dim=-1)
+    return image_embeds.to(device), text_embeds.to(device), text_image_ids.to(device)
+
+
+def naive_retrieval_metrics(image_embeds, text_embeds, text_image_ids, ks=KS) -> dict[str, float]:
+    """The same metrics as `retrieval_metrics` (image ids `0..N-1`), from the whole `[N, M]` similarity matrix."""
+    similarity = image_embeds @ text_embeds.t()  # [N, M]
+    images = torch.arange(len(image_embeds), device=similarity.device)
+    correct = text_image_ids[None, :] == images[:, None]  # [N, M]
+    best_correct = similarity.masked_fill(~correct, float("-inf")).amax(dim=1)
+    image_ranks = (similarity > best_correct[:, None]).sum(dim=1) + 1
+    correct_score = similarity[text_image_ids, torch.arange(len(text_embeds), device=similarity.device)]
+    text_ranks = (similarity > correct_score[None, :]).sum(dim=0) + 1
+    metrics = {f"image_to_text_recall@{k}": (image_ranks <= k).float().mean().item() for k in ks}
+    metrics |= {f"text_to_image_recall@{k}": (text_ranks <= k).float().mean().item() for k in ks}
+    metrics["image_to_text_median_rank"] = median(image_ranks)
+    metrics["text_to_image_median_rank"] = median(text_ranks)
+    return metrics
+
+
+def median(values: torch.Tensor) -> float:
+    """As `numpy.median`: the mean of the two middle values for an even count."""
+    ordered = values.float().sort().values
+    middle = len(ordered) // 2
+    return ordered[middle].item() if len(ordered) % 2 else ((ordered[middle - 1] + ordered[middle]) / 2).item()
+
+
+def evaluation(method: str, embeddings, chunk_size: int):
+    if method == "naive":
+        return lambda: naive_retrieval_metrics(*embeddings)
+    return lambda: retrieval_metrics(*embeddings, ks=KS, chunk_size=chunk_size)
+
+
+def size_key(num_images: int, captions_per_image: int) -> str:
+    return f"{num_images}x{num_images * captions_per_image}"
+
+
+# ----- time -----------------------------------------------------------------------------------------------------
+
+
+def measure_time(args, num_images: int, methods: tuple[str, ...], steps: int) -> dict:
+    embeddings = make_embeddings(num_images, args.captions_per_image, args.dim, args.seed, args.device)
+    candidates = {method: evaluation(method, embeddings, args.chunk_size) for method in methods}
+    times = time_interleaved(candidates, rounds=steps, warmup=args.warmup, device=args.device)
+    result = {method: summarize(seconds) for method, seconds in times.items()}
+    if "naive" in methods:
+        result["chunked_vs_naive_time"] = statistics.median(times["chunked"]) / statistics.median(times["naive"])
+        chunked, naive = candidates["chunked"](), candidates["naive"]()
+        result["metrics_max_abs_diff_naive_vs_chunked"] = max(abs(chunked[k] - naive[k]) for k in chunked)
+        result["metrics"] = chunked
+    return result
+
+
+# ----- peak memory, one fresh process per configuration ---------------------------------------------------------
+
+
+def memory_child(args) -> dict:
+    """Runs inside the fresh subprocess: the extra peak memory of one evaluation."""
+    embeddings = make_embeddings(args.images, args.captions_per_image, args.dim, args.seed, args.device)
+    run = evaluation(args.memory_child, embeddings, args.chunk_size)
+    memory = PeakMemory(args.device)
+    gc.collect()
+    before = memory.current()
+    memory.reset_peak()
+    run()
+    extra = memory.peak() - before
+    return {"method": memory.method, "extra_bytes": extra, "extra_mib": mib(extra)}
+
+
+def measure_memory(args, num_images: int, method: str) -> dict:
+    argv = ["--memory_child", method, "--images", str(num_images), "--captions_per_image",
+            str(args.captions_per_image), "--dim", str(args.dim), "--chunk_size", str(args.chunk_size),
+            "--device", args.device, "--seed", str(args.seed)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return run_child(Path(__file__), argv)
+
+
+def matrix_bytes(num_images: int, num_captions: int) -> int:
+    return num_images * num_captions * FLOAT_BYTES
+
+
+def memory_report(args, num_images: int, methods: tuple[str, ...]) -> dict:
+    num_captions = num_images * args.captions_per_image
+    report = {method: measure_memory(args, num_images, method) for method in methods}
+    report["naive_similarity_matrix_bytes"] = matrix_bytes(num_images, num_captions)
+    report["chunked_bound_bytes"] = args.chunk_size * max(num_images, num_captions) * FLOAT_BYTES
+    report["chunked_vs_naive_matrix"] = report["chunked"]["extra_bytes"] / report["naive_similarity_matrix_bytes"]
+    if "naive" in methods:
+        report["chunked_vs_naive_memory"] = report["chunked"]["extra_bytes"] / report["naive"]["extra_bytes"]
+    return report
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_torch(args)
+    if args.memory_child:
+        emit(memory_child(args))
+        return
+    small, large = args.images, args.images * args.scale
+    small_key, large_key = size_key(small, args.captions_per_image), size_key(large, args.captions_per_image)
+    result = {
+        "benchmark": "eval",
+        "hardware": hardware_info(args.device),
+        "setup": {"dim": args.dim, "captions_per_image": args.captions_per_image, "chunk_size": args.chunk_size},
+        "time": {
+            small_key: measure_time(args, small, ("naive", "chunked"), args.steps),
+            large_key: measure_time(args, large, ("chunked",), args.large_steps),
+        },
+        "memory": {
+            small_key: memory_report(args, small, ("naive", "chunked")),
+            large_key: memory_report(args, large, ("chunked",)),
+        },
+    }
+    small_extra = result["memory"][small_key]["chunked"]["extra_bytes"]
+    large_extra = result["memory"][large_key]["chunked"]["extra_bytes"]
+    result["bounded_memory"] = {
+        "pairs_growth": args.scale**2,
+        "chunked_extra_growth": large_extra / small_extra,
+        "naive_matrix_growth": args.scale**2,
+        "large_chunked_extra_vs_bound": large_extra / result["memory"][large_key]["chunked_bound_bytes"],
+        "large_naive_matrix_gb": matrix_bytes(large, large * args.captions_per_image) / 1e9,
+    }
+    emit(finish(result), args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Training step: samples/s of NdCLIP vs the same towers with `projection_type="linear"`, at the real size
+(ViT-B/16 at 224 + DistilBERT-base, projection 256, random weights) and at a tiny size; fp32 and bf16 autocast;
+peak memory with and without gradient checkpointing; and the projection heads' share of the step.
+
+Targets: NdCLIP >= 0.98x the linear head's throughput (the heads must cost nothing); gradient checkpointing at
+batch 32 uses <= 0.6x the peak memory.
+
+How it measures:
+- Throughput. Both models start from the same tower weights (the NdCLIP towers' state dicts are copied into the
+  linear model), each with its own AdamW, and train on the same random batch (pixel_values `[B, 3, H, W]`,
+  input_ids `[B, 32]`, attention mask of ones). A step is forward with `return_loss=True`, backward,
+  `optimizer.step()`, `zero_grad()`. The candidates run interleaved (ndlinear, linear, ndlinear_without_copies,
+  heads..., then again) after warmup rounds; samples/s is the batch size over the median step time, and every
+  ratio compares numbers of the same run. `model_flops_per_sample` is the usual estimate (6 x matmul parameters x
+  tokens + 12 x layers x tokens^2 x width per tower, + 6 x the heads' multiply-adds; no recompute), and
+  `fraction_of_matmul_peak` divides the achieved FLOP/s by that of a square matmul measured in the same run.
+- Head share. The two projection heads alone (forward + the backward a training step needs: gradients of their
+  inputs and weights, via `torch.autograd.grad`) on random pooled vectors of the step's batch size, timed in the
+  same interleaved rounds as the steps; share = head time / step time. The alternative head
+  `ndlinear_without_copies` (benchmarks/common.py: the same per-axis linear layers applied to a `[before, axis,
+  after]` view instead of transposing each axis to the end and back with `.contiguous()`) is checked equal to
+  `ndlinear.NdLinear` (outputs and gradients, `torch.testing.assert_close`) and timed alone and inside the full
+  step (the NdCLIP model with its heads' forward swapped; same weights, same optimizer).
+- Peak memory, NdCLIP only (the heads' own memory is negligible: 928 parameters each). Each configuration runs in a
+  fresh subprocess (`--memory_child`): it notes the memory after importing torch (baseline), builds the model,
+  AdamW and the batch, runs one batch-1 step (which allocates the AdamW state, a fixed cost of every step after),
+  resets the peak, runs one step at the batch size and reads the peak. On CPU, memory is the resident set size and
+  the peak is the kernel's `VmHWM` after a reset through `/proc/self/clear_refs` (so the building of the model does
+  not count); on CUDA, `torch.cuda.max_memory_allocated`. `peak_bytes` = peak - baseline: weights, gradients,
+  AdamW state and activations, what the training holds at its worst; `step_extra_bytes` = peak - memory before
+  the step (gradients and activations). The checkpointing ratios divide the checkpointed run's by the plain one's.
+
+Defaults finish in about 5 minutes on 2 CPU cores: tiny at batch 32 (fp32 and bf16), real at batch 8 (fp32 only on
+a CPU without native bf16, where a real-size bf16 step takes minutes). `--size real --batch_size 32` reproduces the
+checkpointing target (add `--memory_only` to skip the slow throughput rounds).
+
+    python benchmarks/bench_train_step.py
+    python benchmarks/bench_train_step.py --size real --batch_size 32 --memory_only
+    python benchmarks/bench_train_step.py --device cuda --size real --batch_size 32 --dtype fp32,bf16
+"""
+
+import argparse
+import gc
+import statistics
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (common.py puts the repo root on sys.path)
+
+from common import (  # noqa: E402
+    DTYPES,
+    PeakMemory,
+    add_common_args,
+    autocast,
+    comma_list,
+    cpu_has_native_bf16,
+    emit,
+    finish,
+    hardware_info,
+    heads_without_copies,
+    make_heads_step,
+    measure_matmul_flops,
+    mib,
+    projection_macs_per_sample,
+    run_child,
+    setup_torch,
+    summarize,
+    time_interleaved,
+    without_copies_max_rel_diff,
+)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from configuration_ndclip import NdClipConfig  # noqa: E402
+from modeling_ndclip import NdClipModel  # noqa: E402
+from tiny_towers import tiny_config  # noqa: E402
+
+SIZES = ("tiny", "real")
+SEQ_LEN = 32
+DEFAULT_BATCH = {"tiny": 32, "real": 8}
+DEFAULT_STEPS = {"tiny": 20, "real": 3}
+DEFAULT_WARMUP = {"tiny": 3, "real": 1}
+HEAD_REPEATS = 20  # head calls per timed sample: one call is too short for the clock
+THROUGHPUT_TARGET = 0.98
+CHECKPOINTING_TARGET = 0.6
+CHECKPOINTING_TARGET_BATCH = 32
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=comma_list(SIZES), default=list(SIZES), help="tiny, real or tiny,real")
+    parser.add_argument("--dtype", type=comma_list(DTYPES), default=None, help="fp32, bf16 or fp32,bf16 "
+                        "(default both, except fp32 only for the real size on a CPU without native bf16)")
+    parser.add_argument("--batch_size", type=int, default=None, help=f"default {DEFAULT_BATCH}")
+    parser.add_argument("--steps", type=int, default=None, help=f"timed steps per candidate, default {DEFAULT_STEPS}")
+    parser.add_argument("--warmup", type=int, default=None, help=f"untimed rounds first, default {DEFAULT_WARMUP}")
+    parser.add_argument("--memory_only", action="store_true", help="skip throughput, measure peak memory only")
+    parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def dtypes_for(args, size: str) -> list[str]:
+    if args.dtype is not None:
+        return args.dtype
+    if size == "real" and args.device == "cpu" and not cpu_has_native_bf16():
+        return ["fp32"]
+    return list(DTYPES)
+
+
+# ----- models and data ------------------------------------------------------------------------------------------
+
+
+def build_config(size: str, projection_type: str) -> NdClipConfig:
+    if size == "tiny":
+        return tiny_config(vocab_size=1000, projection_type=projection_type)
+    return NdClipConfig(projection_type=projection_type)
+
+
+def build_model(size: str, projection_type: str, seed: int, device: str) -> NdClipModel:
+    torch.manual_seed(seed)
+    return NdClipModel(build_config(size, projection_type)).to(device).train()
+
+
+def build_model_pair(size: str, seed: int, device: str) -> tuple[NdClipModel, NdClipModel]:
+    """NdCLIP and the linear-head model with the same initial towers and logit scale (only the heads differ)."""
+    ndlinear = build_model(size, "ndlinear", seed, device)
+    linear = build_model(size, "linear", seed + 1, device)
+    linear.vision_model.load_state_dict(ndlinear.vision_model.state_dict())
+    linear.text_model.load_state_dict(ndlinear.text_model.state_dict())
+    linear.logit_scale.data.copy_(ndlinear.logit_scale.data)
+    return ndlinear, linear
+
+
+def make_inputs(config: NdClipConfig, batch_size: int, seed: int, device: str) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    image_size = config.vision_config.image_size
+    inputs = {
+        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
+        "input_ids": torch.randint(0, config.text_config.vocab_size, (batch_size, SEQ_LEN), generator=generator),
+        "attention_mask": torch.ones(batch_size, SEQ_LEN, dtype=torch.long),
+    }
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
+def make_train_step(model, optimizer, inputs: dict, device: str, dtype: str, without_copies: bool = False):
+    def train_step():
+        with heads_without_copies(model) if without_copies else nullcontext(), autocast(device, dtype):
+            loss = model(**inputs, return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train_step
+
+
+def heads_of(model: NdClipModel) -> nn.ModuleList:
+    return nn.ModuleList([model.visual_projection, model.text_projection])
+
+
+def train_flops_per_sample(model: NdClipModel) -> float:
+    """Model FLOPs of one training example (forward + backward), as nanoGPT's `estimate_mfu`."""
+    vision = model.config.vision_config
+    tokens = {"vision_model": (vision.image_size // vision.patch_size) ** 2 + 1, "text_model": SEQ_LEN}
+    flops = 0.0
+    for name, num_tokens in tokens.items():
+        tower = getattr(model, name)
+        matmul_params = sum(m.weight.numel() for m in tower.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+        config = tower.config
+        flops += 6 * matmul_params * num_tokens + 12 * config.num_hidden_layers * num_tokens**2 * config.hidden_size
+    heads = (model.visual_projection, model.text_projection)
+    return flops + 6 * sum(projection_macs_per_sample(head) for head in heads)
+
+
+# ----- throughput and head share --------------------------------------------------------------------------------
+
+
+def measure_throughput(args, size: str, dtype: str) -> dict:
+    batch_size = args.batch_size or DEFAULT_BATCH[size]
+    ndlinear, linear = build_model_pair(size, args.seed, args.device)
+    inputs = make_inputs(ndlinear.config, batch_size, args.seed, args.device)
+    nd_optimizer = torch.optim.AdamW(ndlinear.parameters(), lr=1e-4)
+    candidates = {
+        "step/ndlinear": make_train_step(ndlinear, nd_optimizer, inputs, args.device, dtype),
+        "step/linear": make_train_step(
+            linear, torch.optim.AdamW(linear.parameters(), lr=1e-4), inputs, args.device, dtype
+        ),
+        "step/ndlinear_without_copies": make_train_step(
+            ndlinear, nd_optimizer, inputs, args.device, dtype, without_copies=True
+        ),
+        "heads/ndlinear": make_heads_step(heads_of(ndlinear), batch_size, args.device, dtype),
+        "heads/linear": make_heads_step(heads_of(linear), batch_size, args.device, dtype),
+        "heads/ndlinear_without_copies": make_heads_step(heads_of(ndlinear), batch_size, args.device, dtype, True),
+    }
+    max_rel_diff = without_copies_max_rel_diff(heads_of(ndlinear), batch_size, args.device)
+    repeats = {name: HEAD_REPEATS for name in candidates if name.startswith("heads/")}
+    times = time_interleaved(
+        candidates,
+        rounds=args.steps or DEFAULT_STEPS[size],
+        warmup=args.warmup if args.warmup is not None else DEFAULT_WARMUP[size],
+        device=args.device,
+        repeats=repeats,
+    )
+    matmul_flops = measure_matmul_flops(args.device, dtype)
+    return summarize_throughput(times, batch_size, train_flops_per_sample(ndlinear), matmul_flops, max_rel_diff)
+
+
+def summarize_throughput(times, batch_size, flops_per_sample, matmul_flops, max_rel_diff) -> dict:
+    median = {name: statistics.median(seconds) for name, seconds in times.items()}
+    steps = {}
+    for name, seconds in times.items():
+        kind, head = name.split("/")
+        if kind == "step":
+            steps[head] = {**summarize(seconds), "samples_per_s": batch_size / median[name]}
+    heads = {name.split("/")[1]: summarize(s) for name, s in times.items() if name.startswith("heads/")}
+    achieved = flops_per_sample * steps["ndlinear"]["samples_per_s"]
+    return {
+        "batch_size": batch_size,
+        "step": steps,
+        "ndlinear_vs_linear_throughput": median["step/linear"] / median["step/ndlinear"],
+        "without_copies_vs_ndlinear_throughput": median["step/ndlinear"] / median["step/ndlinear_without_copies"],
+        "heads_fwd_bwd": heads,
+        "head_share_of_step": {
+            head: median[f"heads/{head}"] / median[f"step/{head}"] for head in ("ndlinear", "linear")
+        }
+        | {"ndlinear_without_copies": median["heads/ndlinear_without_copies"] / median["step/ndlinear"]},
+        "without_copies_vs_ndlinear_head_speed": median["heads/ndlinear"] / median["heads/ndlinear_without_copies"],
+        "without_copies_max_rel_diff": max_rel_diff,
+        "model_flops_per_sample": flops_per_sample,
+        "achieved_flops_per_s": achieved,
+        "matmul_flops_per_s": matmul_flops,
+        "fraction_of_matmul_peak": achieved / matmul_flops,
+    }
+
+
+# ----- peak memory, one fresh process per configuration ---------------------------------------------------------
+
+
+def memory_child(args) -> dict:
+    """Runs inside the fresh subprocess: the peak memory of one NdCLIP training step (see the module docstring)."""
+    size, dtype = args.size[0], args.dtype[0]
+    batch_size = args.batch_size or DEFAULT_BATCH[size]
+    memory = PeakMemory(args.device)
+    baseline = memory.current()
+    model = build_model(size, "ndlinear", args.seed, args.device)
+    if args.checkpointing:
+        model.activation_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    make_train_step(model, optimizer, make_inputs(model.config, 1, args.seed, args.device), args.device, dtype)()
+    step = make_train_step(model, optimizer, make_inputs(model.config, batch_size, args.seed, args.device),
+                           args.device, dtype)
+    gc.collect()
+    before_step = memory.current()
+    memory.reset_peak()
+    step()
+    peak = memory.peak()
+    return {
+        "method": memory.method,
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "peak_bytes": peak - baseline,
+        "step_extra_bytes": peak - before_step,
+        "peak_mib": mib(peak - baseline),
+        "step_extra_mib": mib(peak - before_step),
+    }
+
+
+def measure_memory(args, size: str, dtype: str) -> dict:
+    batch_size = args.batch_size or DEFAULT_BATCH[size]
+    common = ["--memory_child", "--size", size, "--dtype", dtype, "--batch_size", str(batch_size),
+              "--device", args.device, "--seed", str(args.seed)]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    plain = run_child(Path(__file__), common)
+    checkpointed = run_child(Path(__file__), common + ["--checkpointing"])
+    return {
+        "batch_size": batch_size,
+        "no_checkpointing": plain,
+        "checkpointing": checkpointed,
+        "checkpointing_peak_ratio": checkpointed["peak_bytes"] / plain["peak_bytes"],
+        "checkpointing_step_extra_ratio": checkpointed["step_extra_bytes"] / plain["step_extra_bytes"],
+    }
+
+
+def check_targets(throughput: dict, memory: dict) -> dict:
+    targets = {f"ndlinear_vs_linear_throughput >= {THROUGHPUT_TARGET}": {}, "checkpointing_peak_ratio <= "
+               f"{CHECKPOINTING_TARGET} at batch {CHECKPOINTING_TARGET_BATCH}": {}}
+    speed, mem = targets.values()
+    for key, result in throughput.items():
+        ratio = result["ndlinear_vs_linear_throughput"]
+        speed[key] = {"value": round(ratio, 4), "met": ratio >= THROUGHPUT_TARGET}
+    for key, result in memory.items():
+        ratio = result["checkpointing_peak_ratio"]
+        at_target_batch = result["batch_size"] == CHECKPOINTING_TARGET_BATCH
+        mem[key] = {"value": round(ratio, 4), "batch_size": result["batch_size"],
+                    "met": (ratio <= CHECKPOINTING_TARGET) if at_target_batch else "n/a: not measured at batch 32"}
+    return targets
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_torch(args)
+    if args.memory_child:
+        emit(memory_child(args))
+        return
+    result = {"benchmark": "train_step", "hardware": hardware_info(args.device), "throughput": {}, "memory": {}}
+    for size in args.size:
+        for dtype in dtypes_for(args, size):
+            key = f"{size}/{dtype}"
+            if not args.memory_only:
+                result["throughput"][key] = measure_throughput(args, size, dtype)
+                gc.collect()
+            if not args.no_memory:
+                result["memory"][key] = measure_memory(args, size, dtype)
+    result["targets"] = check_targets(result["throughput"], result["memory"])
+    emit(finish(result), args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""The model card (`README.md`) of a trained NdCLIP, written with `huggingface_hub`'s `ModelCard` before the folder
+is pushed to the Hub (`model.push_to_hub` / `processor.push_to_hub` upload it with the rest of the folder).
+
+    python model_card.py outputs/ndclip --dataset_name jxie/flickr8k --repo_id user/ndclip-flickr8k
+
+The metadata says how the Hub should show and run the model (library, pipeline, tags, datasets, base models, a
+widget example) and carries the evaluation results of `eval_results.json` as a `model-index`; the body describes
+the model, its heads, its training, its results, how to use it and its limitations.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from modeling_ndclip import NdClipModel
+
+# The keys of `eval_results.json` (written by run_clip.py) reported in the model-index, with their names on the Hub.
+RETRIEVAL_METRICS = {
+    "image_to_text_recall@1": "Image-to-text R@1",
+    "image_to_text_recall@5": "Image-to-text R@5",
+    "image_to_text_recall@10": "Image-to-text R@10",
+    "text_to_image_recall@1": "Text-to-image R@1",
+    "text_to_image_recall@5": "Text-to-image R@5",
+    "text_to_image_recall@10": "Text-to-image R@10",
+    "image_to_text_median_rank": "Image-to-text median rank",
+    "text_to_image_median_rank": "Text-to-image median rank",
+}
+RETRIEVAL_TASK = "image-text-retrieval"
+ZERO_SHOT_TASK = "zero-shot-image-classification"
+TAGS = ["ndlinear", "clip", "custom_code", "vision", "zero-shot-image-classification", "image-text-retrieval"]
+WIDGET = [
+    {
+        "src": "https://huggingface.co/datasets/mishig/sample_images/resolve/main/cat-dog-music.png",
+        "candidate_labels": "a dog, a cat, people playing music",
+        "example_title": "Cat & dog",
+    }
+]
+
+
+def eval_results_to_model_index(eval_results: dict, dataset_name: str | None) -> list[EvalResult]:
+    """`EvalResult`s for the metrics of `eval_results.json` that are present: retrieval on the evaluation split of
+    `dataset_name`, and zero-shot accuracy on `zero_shot_dataset` when it was measured."""
+    dataset = dataset_name or "custom"
+    results = [
+        EvalResult(
+            task_type=RETRIEVAL_TASK,
+            task_name="Image-text retrieval",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=eval_results.get("split"),
+            metric_type=key,
+            metric_name=name,
+            metric_value=eval_results[key],
+        )
+        for key, name in RETRIEVAL_METRICS.items()
+        if eval_results.get(key) is not None
+    ]
+    if eval_results.get("zero_shot_accuracy") is not None:
+        zero_shot_dataset = eval_results.get("zero_shot_dataset") or dataset
+        results.append(
+            EvalResult(
+                task_type=ZERO_SHOT_TASK,
+                task_name="Zero-shot image classification",
+                dataset_type=zero_shot_dataset,
+                dataset_name=zero_shot_dataset,
+                metric_type="accuracy",
+                metric_name="Zero-shot accuracy",
+                metric_value=eval_results["zero_shot_accuracy"],
+            )
+        )
+    return results
+
+
+def tower_names(model) -> list[str]:
+    """The Hub ids (or paths) the two towers were loaded from, when the config remembers them."""
+    names = [getattr(c, "_name_or_path", "") for c in (model.config.vision_config, model.config.text_config)]
+    return [name for name in names if name]
+
+
+def format_value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(format_value(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def card_body(
+    model,
+    model_id: str,
+    eval_results: dict | None,
+    training_args: dict | None,
+    dataset_name: str | None,
+    base_models: list[str],
+) -> str:
+    config = model.config
+    vision, text = config.vision_config, config.text_config
+    counts = model.head_parameter_counts()
+    heads = counts["visual_projection"] + counts["text_projection"]
+    head_kind = "NdLinear" if config.projection_type == "ndlinear" else "linear"
+    grids = (
+        f"the image tower's output is viewed as a {' x '.join(map(str, config.vision_input_grid))} grid and the text "
+        f"tower's as {' x '.join(map(str, config.text_input_grid))}, each mapped to a "
+        f"{' x '.join(map(str, config.projection_grid))} grid with one small linear layer per axis"
+        if config.projection_type == "ndlinear"
+        else "each head is a plain `nn.Linear`"
+    )
+    towers = (
+        " and ".join(f"`{name}`" for name in base_models)
+        if base_models
+        else (f"a {vision.model_type} image tower and a {text.model_type} text tower")
+    )
+    dataset = (
+        f"[{dataset_name}](https://huggingface.co/datasets/{dataset_name})" if dataset_name else "a custom dataset"
+    )
+
+    sections = [
+        f"# {model_id.split('/')[-1]}",
+        f"An NdCLIP model: a CLIP-style image-text dual encoder built from {towers}, whose projection heads are "
+        f"[NdLinear](https://github.com/ensemble-core/NdLinear) layers. Images and texts are embedded into one "
+        f"{config.projection_dim}-dimensional, L2-normalised space where matching pairs have a high cosine "
+        "similarity: use it for zero-shot image classification, image-to-text and text-to-image retrieval.",
+        "## Projection heads\n\n"
+        f"The heads are {head_kind} layers: {grids}.\n\n"
+        + markdown_table(
+            ["head", "parameters"],
+            [
+                ["image (visual_projection)", f"{counts['visual_projection']:,}"],
+                ["text (text_projection)", f"{counts['text_projection']:,}"],
+                [f"both {head_kind} heads", f"{heads:,}"],
+                ["two linear heads of the same shape", f"{counts['linear_equivalent']:,}"],
+            ],
+        )
+        + f"\n\nThe heads have {heads / counts['linear_equivalent']:.2%} of the parameters of linear heads.",
+        "## Training\n\n"
+        f"Trained on {dataset} with the symmetric contrastive (CLIP) loss over image-caption pairs."
+        + (
+            "\n\n" + markdown_table(["hyperparameter", "value"], [[f"`{k}`", v] for k, v in training_args.items()])
+            if training_args
+            else ""
+        ),
+    ]
+    if eval_results:
+        rows = [[name, eval_results[key]] for key, name in RETRIEVAL_METRICS.items() if key in eval_results]
+        if eval_results.get("zero_shot_accuracy") is not None:
+            where = eval_results.get("zero_shot_dataset") or "the evaluation data"
+            rows.append([f"Zero-shot accuracy ({where})", eval_results["zero_shot_accuracy"]])
+        if "eval_loss" in eval_results:
+            rows.append(["Contrastive loss", eval_results["eval_loss"]])
+        measured = ", ".join(f"{key} {eval_results[key]}" for key in ("split", "step", "epoch") if key in eval_results)
+        sections.append(
+            f"## Evaluation\n\nRetrieval among the images and captions of the evaluation data ({measured}): R@k is "
+            "the fraction of queries whose match is among the top k results; lower median ranks are better.\n\n"
+            + markdown_table(["metric", "value"], rows)
+        )
+    sections.append(
+        "## Usage\n\n"
+        "The model is custom code stored with the weights: load it with `trust_remote_code=True` (and "
+        "`pip install ndlinear`).\n\n"
+        "```python\n"
+        "import torch\n"
+        "from PIL import Image\n"
+        "from transformers import AutoModel, AutoProcessor\n\n"
+        f'model = AutoModel.from_pretrained("{model_id}", trust_remote_code=True).eval()\n'
+        f'processor = AutoProcessor.from_pretrained("{model_id}", trust_remote_code=True)\n\n'
+        'inputs = processor(text=["a dog runs on the grass", "a child plays with a ball"],\n'
+        '                   images=[Image.open("photo.jpg")], return_tensors="pt")\n'
+        "with torch.no_grad():\n"
+        "    outputs = model(**inputs)\n"
+        "probs = outputs.logits_per_image.softmax(dim=-1)  # [images, texts]\n\n"
+        "# embeddings for search (unnormalised: normalise before comparing)\n"
+        'image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output\n'
+        'text_embeds = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output\n'
+        "```\n\n"
+        "Zero-shot classification with the pipeline:\n\n"
+        "```python\n"
+        "from transformers import pipeline\n\n"
+        f'classifier = pipeline("zero-shot-image-classification", model="{model_id}", trust_remote_code=True)\n'
+        'classifier("photo.jpg", candidate_labels=["dog", "cat", "bicycle"], hypothesis_template="a photo of a {}.")\n'
+        "```"
+    )
+    sections.append(
+        "## Limitations\n\n"
+        f"- Trained on {dataset} only. It knows far fewer concepts than CLIP models trained on hundreds of millions "
+        "of pairs: zero-shot labels far from what its training captions describe are unreliable, and it does not "
+        "read text in images.\n"
+        "- English only; captions longer than the tokenizer's maximum length are truncated.\n"
+        "- It inherits the biases of its pretrained towers and of its captions; do not use it for decisions about "
+        "people.\n"
+        "- Loading runs the model code in this repository (`trust_remote_code=True`): read it first."
+    )
+    return "\n\n".join(sections) + "\n"
+
+
+def write_model_card(
+    output_dir: str | Path,
+    model,
+    eval_results: dict | None = None,
+    training_args: dict | None = None,
+    dataset_name: str | None = None,
+    base_models: list[str] | None = None,
+    repo_id: str | None = None,
+) -> ModelCard:
+    """Write `output_dir/README.md`, the model card of `model`, and return it.
+
+    Args:
+        output_dir: the saved model folder (the card goes next to `config.json`).
+        model: the trained `NdClipModel` (its config and head sizes are described).
+        eval_results: the metrics of run_clip.py's `eval_results.json`; read from `output_dir/eval_results.json`
+            when None and that file exists.
+        training_args: hyperparameters to list (name -> value).
+        dataset_name: the Hub id of the training dataset.
+        base_models: the Hub ids of the two towers; defaults to those the config remembers.
+        repo_id: the Hub id the folder will be pushed to (used in the usage snippets).
+    """
+    output_dir = Path(output_dir)
+    if eval_results is None and (output_dir / "eval_results.json").is_file():
+        eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    base_models = base_models if base_models is not None else tower_names(model)
+    model_id = repo_id or output_dir.name
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=ZERO_SHOT_TASK,
+        license="apache-2.0",
+        language="en",
+        tags=TAGS,
+        datasets=[dataset_name] if dataset_name else None,
+        base_model=base_models or None,
+        model_name=model_id.split("/")[-1],
+        eval_results=eval_results_to_model_index(eval_results, dataset_name) if eval_results else None,
+        widget=WIDGET,
+    )
+    body = card_body(model, model_id, eval_results, training_args, dataset_name, base_models)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    card.save(output_dir / "README.md")
+    return card
+
+
+def main(argv=None) -> ModelCard:
+    parser = argparse.ArgumentParser(description="Write the model card (README.md) of a saved NdCLIP folder.")
+    parser.add_argument("folder", help="the saved model folder")
+    parser.add_argument("--eval_results", help="an eval_results.json (default: the folder's, if any)")
+    parser.add_argument("--training_args", help="a JSON file of hyperparameters to list")
+    parser.add_argument("--dataset_name", help="the Hub id of the training dataset")
+    parser.add_argument("--base_models", help="the Hub ids of the two towers, comma-separated")
+    parser.add_argument("--repo_id", help="the Hub id the folder will be pushed to")
+    args = parser.parse_args(argv)
+
+    def read(path):
+        return json.loads(Path(path).read_text()) if path else None
+
+    return write_model_card(
+        args.folder,
+        NdClipModel.from_pretrained(args.folder),
+        eval_results=read(args.eval_results),
+        training_args=read(args.training_args),
+        dataset_name=args.dataset_name,
+        base_models=args.base_models.split(",") if args.base_models else None,
+        repo_id=args.repo_id,
+    )
+
+
+if __name__ == "__main__":
+    main()

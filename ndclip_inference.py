@@ -1,0 +1,180 @@
+"""Using a trained NdCLIP: load a model folder (or Hub id), find the images in a folder, embed images and texts in
+batches, draw a contact sheet. Shared by the two command-line tools, `predict.py` and `search.py`."""
+
+import logging
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+from transformers import AutoConfig, PretrainedConfig
+
+from configuration_ndclip import NdClipConfig
+from modeling_ndclip import NdClipModel
+from processing_ndclip import NdClipProcessor
+
+logger = logging.getLogger(__name__)
+
+# Contact-sheet layout, in pixels: each cell is a square thumbnail above `text_lines` lines of text.
+PAD = 4
+LINE_HEIGHT = 14
+
+
+class BadInputError(ValueError):
+    """A problem with what the user passed (model, image folder, labels, index). The tools report it as one line."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], prog: str, argv: Sequence[str] | None = None) -> None:
+    """Run a tool's `main(argv)` (argv None: the command line), turning a `BadInputError` into a one-line message
+    and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main(argv)
+    except BadInputError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_ndclip(name_or_path: str, device: str | None = None) -> tuple[NdClipModel, NdClipProcessor]:
+    """An NdCLIP (in eval mode, on `device`: CUDA when available) and its processor, from a saved folder or Hub id.
+
+    Raises `BadInputError` when the folder does not exist, has no `config.json` or holds another kind of model.
+    """
+    folder = Path(name_or_path)
+    looks_like_a_path = folder.is_absolute() or str(name_or_path).startswith(".") or str(name_or_path).count("/") > 1
+    if looks_like_a_path and not folder.exists():
+        raise BadInputError(f"model folder {name_or_path} does not exist")
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise BadInputError(f"{name_or_path} has no config.json: it is not a saved model folder")
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(str(name_or_path))
+    except OSError as error:
+        raise BadInputError(f"cannot load a model from {name_or_path!r}: {error}") from error
+    model_type = config_dict.get("model_type")
+    if model_type != NdClipConfig.model_type:
+        raise BadInputError(
+            f"{name_or_path} holds a {model_type!r} model, not an NdCLIP (an NdCLIP's config.json has model_type "
+            "'ndclip')"
+        )
+    # The processor's tokenizer and image processor read config.json through AutoConfig: knowing the NdCLIP config
+    # locally keeps it from asking whether to run the folder's copy of the code.
+    AutoConfig.register(NdClipConfig.model_type, NdClipConfig, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = NdClipModel.from_pretrained(name_or_path).eval().to(device)
+    return model, NdClipProcessor.from_pretrained(name_or_path)
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """The image files under `folder` (recursively, sorted). Other files are skipped, and their count logged.
+
+    A file counts as an image when PIL can read its header, whatever its name. Raises `BadInputError` when the
+    folder does not exist or holds no image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInputError(f"image folder {folder} does not exist")
+    images, skipped = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            with Image.open(path):
+                images.append(path)
+        except (UnidentifiedImageError, OSError):
+            skipped.append(path)
+    if skipped:
+        logger.info("skipped %d file(s) in %s that are not images, e.g. %s", len(skipped), folder, skipped[0].name)
+    if not images:
+        raise BadInputError(f"image folder {folder} holds no images ({len(skipped)} other file(s))")
+    return images
+
+
+def open_image(image: str | Path | Image.Image) -> Image.Image:
+    """An RGB PIL image from a path or an image (grayscale, RGBA, CMYK... are converted)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise BadInputError(f"cannot read image {image}: {error}") from error
+
+
+@torch.no_grad()
+def embed_images(
+    model: NdClipModel,
+    processor: NdClipProcessor,
+    images: Sequence,
+    batch_size: int = 32,
+    progress: tqdm | None = None,
+) -> torch.Tensor:
+    """L2-normalised image embeddings `[len(images), projection_dim]` (float32, on the CPU), in batches.
+
+    `images` is any sequence whose slices give PIL images or file paths; files are opened one batch at a time.
+    The progress bar `progress` is advanced by the number of images (a new one is shown when it is None).
+    """
+    bar = progress if progress is not None else tqdm(total=len(images), desc="embedding images", unit="img")
+    embeddings = []
+    for start in range(0, len(images), batch_size):
+        batch = [open_image(image) for image in images[start : start + batch_size]]
+        pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
+        features = model.get_image_features(pixel_values=pixel_values).pooler_output
+        embeddings.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        bar.update(len(batch))
+    if progress is None:
+        bar.close()
+    return torch.cat(embeddings) if embeddings else torch.empty(0, model.config.projection_dim)
+
+
+@torch.no_grad()
+def embed_texts(
+    model: NdClipModel, processor: NdClipProcessor, texts: Sequence[str], batch_size: int = 256
+) -> torch.Tensor:
+    """L2-normalised text embeddings `[len(texts), projection_dim]` (float32, on the CPU), in batches."""
+    embeddings = []
+    for start in range(0, len(texts), batch_size):
+        inputs = processor(text=list(texts[start : start + batch_size]), return_tensors="pt").to(model.device)
+        features = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+        embeddings.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+    return torch.cat(embeddings) if embeddings else torch.empty(0, model.config.projection_dim)
+
+
+def contact_sheet(
+    images: Sequence, captions: Sequence[str], columns: int = 6, thumb_size: int = 160, text_lines: int | None = None
+) -> Image.Image:
+    """A white RGB sheet of thumbnails (scaled to fit `thumb_size`) in a grid, each above its caption (one line per
+    newline).
+
+    Each cell is `thumb_size + 2 * PAD` wide and `thumb_size + 2 * PAD + text_lines * LINE_HEIGHT` tall, where
+    `text_lines` defaults to the most lines of any caption; `columns` is capped by the number of images. Text wider
+    than a cell is cut with "...".
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"got {len(images)} images but {len(captions)} captions")
+    if not images:
+        raise ValueError("a contact sheet needs at least one image")
+    lines = [caption.splitlines() for caption in captions]
+    text_lines = max(map(len, lines)) if text_lines is None else text_lines
+    columns = min(columns, len(images))
+    cell_width, cell_height = thumb_size + 2 * PAD, thumb_size + 2 * PAD + text_lines * LINE_HEIGHT
+    sheet = Image.new("RGB", (columns * cell_width, math.ceil(len(images) / columns) * cell_height), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for i, (image, caption_lines) in enumerate(zip(images, lines)):
+        left, top = (i % columns) * cell_width, (i // columns) * cell_height
+        thumb = ImageOps.contain(open_image(image), (thumb_size, thumb_size))
+        sheet.paste(thumb, (left + PAD + (thumb_size - thumb.width) // 2, top + PAD + (thumb_size - thumb.height) // 2))
+        for j, line in enumerate(caption_lines[:text_lines]):
+            text = fit_text(draw, line, font, thumb_size)
+            draw.text((left + PAD, top + thumb_size + 2 * PAD + j * LINE_HEIGHT), text, fill="black", font=font)
+    return sheet
+
+
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, cut and ended with "..." if it is wider than `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."

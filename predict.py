@@ -1,0 +1,156 @@
+"""Zero-shot classification and caption matching on a folder of new images with a trained NdCLIP.
+
+    python predict.py --model outputs/ndclip --images photos/ --labels dog,cat,car --output_dir predictions/
+    python predict.py --model user/ndclip-flickr8k --images photos/ --labels_file labels.txt \
+        --captions captions.txt --top_k 3 --output_dir predictions/
+
+For every image: the top-k labels with their probabilities (the softmax of `logits_per_image` over the labels, as
+in the `zero-shot-image-classification` pipeline, each label written into `--template`) and, with `--captions`,
+the best-matching captions with their cosine similarity. Prints a table, writes `predictions.json` and
+`contact_sheet.png` (each thumbnail with its top labels) to `--output_dir`.
+"""
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ndclip_inference import BadInputError, contact_sheet, embed_images, embed_texts, find_images, load_ndclip, run_cli
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The non-empty lines of a text file, stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"file {path} does not exist")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def parse_labels(labels: str | None = None, labels_file: str | Path | None = None) -> list[str]:
+    """The candidate labels: those of the comma-separated `labels`, then the lines of `labels_file`.
+
+    Raises `BadInputError` when there is none or when a label appears twice (its probability would be split).
+    """
+    parsed = [label.strip() for label in (labels or "").split(",") if label.strip()]
+    if labels_file is not None:
+        parsed += read_lines(labels_file)
+    if not parsed:
+        raise BadInputError("the label list is empty: pass --labels a,b,c or --labels_file with one label per line")
+    duplicates = sorted({label for label in parsed if parsed.count(label) > 1})
+    if duplicates:
+        raise BadInputError(f"the label list has duplicates: {', '.join(map(repr, duplicates))}")
+    return parsed
+
+
+def top_matches(scores: torch.Tensor, names: Sequence[str], key: str, top_k: int) -> list[list[dict]]:
+    """For each row of `scores` `[images, names]`, the `top_k` best names with their scores, best first."""
+    values, indices = scores.topk(min(top_k, len(names)), dim=-1)
+    return [
+        [{key: names[i], "score": round(v, 6)} for v, i in zip(row_values.tolist(), row_indices.tolist())]
+        for row_values, row_indices in zip(values, indices)
+    ]
+
+
+def predict(
+    model,
+    processor,
+    images: Sequence,
+    labels: Sequence[str],
+    template: str = DEFAULT_TEMPLATE,
+    captions: Sequence[str] | None = None,
+    top_k: int = 3,
+    batch_size: int = 32,
+) -> list[dict]:
+    """For each image (path or PIL image): `labels`, its top-k labels with probabilities, and, given `captions`,
+    `captions`, its top-k captions with cosine similarities.
+
+    The label probabilities are those of the zero-shot pipeline called with `hypothesis_template=template`.
+    """
+    if "{}" not in template:
+        raise BadInputError(f"the template {template!r} has no '{{}}' where the label goes")
+    label_embeds = embed_texts(model, processor, [template.format(label) for label in labels])
+    image_embeds = embed_images(model, processor, images, batch_size=batch_size)
+    with torch.no_grad():
+        probabilities = (model.clamped_logit_scale().cpu() * image_embeds @ label_embeds.t()).softmax(dim=-1)
+    results = [
+        {"image": str(image) if isinstance(image, (str, Path)) else f"image {i}", "labels": matches}
+        for i, (image, matches) in enumerate(zip(images, top_matches(probabilities, labels, "label", top_k)))
+    ]
+    if captions:
+        similarities = image_embeds @ embed_texts(model, processor, captions).t()
+        for result, matches in zip(results, top_matches(similarities, captions, "caption", top_k)):
+            result["captions"] = matches
+    return results
+
+
+def format_table(predictions: Sequence[dict], width: int = 40) -> str:
+    """A readable table: one row per image, its top labels, and its best caption if there are captions."""
+
+    def cut(text: str) -> str:
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    header = ["image", "top labels (probability)"] + (["best caption (cosine)"] if "captions" in predictions[0] else [])
+    rows = [header]
+    for p in predictions:
+        row = [cut(Path(p["image"]).name), " | ".join(f"{m['label']} {m['score']:.3f}" for m in p["labels"])]
+        if "captions" in p:
+            row.append(f"{cut(p['captions'][0]['caption'])} ({p['captions'][0]['score']:.3f})")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a saved NdCLIP folder or a Hub id")
+    parser.add_argument("--images", required=True, help="a folder of images (searched recursively)")
+    parser.add_argument("--labels", help="comma-separated candidate labels, e.g. dog,cat,car")
+    parser.add_argument("--labels_file", help="a text file with one candidate label per line")
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="the text each label is written into")
+    parser.add_argument("--captions", help="a text file with one caption per line, to match against each image")
+    parser.add_argument("--top_k", type=int, default=3, help="labels (and captions) to report per image")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--output_dir", required=True, help="where predictions.json and contact_sheet.png go")
+    parser.add_argument("--sheet_max_images", type=int, default=256, help="at most this many images on the sheet")
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    labels = parse_labels(args.labels, args.labels_file)
+    captions = read_lines(args.captions) if args.captions else None
+    if captions is not None and not captions:
+        raise BadInputError(f"the caption file {args.captions} has no captions")
+    images = find_images(args.images)
+    model, processor = load_ndclip(args.model, args.device)
+
+    predictions = predict(model, processor, images, labels, args.template, captions, args.top_k, args.batch_size)
+    print(format_table(predictions))
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = {"model": args.model, "template": args.template, "labels": labels, "predictions": predictions}
+    (output_dir / "predictions.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    shown = predictions[: args.sheet_max_images]
+    if len(shown) < len(predictions):
+        logger.info("the contact sheet shows the first %d of %d images", len(shown), len(predictions))
+    sheet_captions = [
+        "\n".join([Path(p["image"]).name] + [f"{m['label']} {m['score']:.0%}" for m in p["labels"]]) for p in shown
+    ]
+    contact_sheet(images[: len(shown)], sheet_captions).save(output_dir / "contact_sheet.png")
+    logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "contact_sheet.png")
+    return predictions
+
+
+if __name__ == "__main__":
+    run_cli(main, "predict.py")

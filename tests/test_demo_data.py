@@ -1,0 +1,156 @@
+"""demo_data: the generated image-caption set (schema, sizes, determinism, held-out split, captions that name the
+class) and the tiny model + processor built for it. The minutes-long training is not run here."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, DatasetDict, Image, List, Value
+
+from demo_data import (
+    DEMO_CLASS_NAMES,
+    DEMO_TRAINING_DEFAULTS,
+    DEMO_ZERO_SHOT_TEMPLATE,
+    demo_model_and_processor,
+    draw_shape_image,
+    make_demo_dataset,
+)
+from modeling_ndclip import NdClipModel
+from processing_ndclip import NdClipProcessor
+
+
+@pytest.fixture(scope="module")
+def default_demo():
+    """The data set `run_clip.py --preset demo` trains on (about 2 s to generate)."""
+    return make_demo_dataset()
+
+
+@pytest.fixture(scope="module")
+def small_demo():
+    return make_demo_dataset(num_train=24, num_validation=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(small_demo):
+    return demo_model_and_processor(small_demo, seed=0)
+
+
+def pixel_bytes(split) -> list[bytes]:
+    return [np.asarray(image).tobytes() for image in split["image"]]
+
+
+def test_schema(small_demo):
+    assert isinstance(small_demo, DatasetDict)
+    assert set(small_demo) == {"train", "validation"}
+    features = small_demo["train"].features
+    assert isinstance(features["image"], Image)
+    assert features["captions"] == List(Value("string"), length=5)
+    assert features["image_id"] == Value("int64")
+    assert isinstance(features["label"], ClassLabel)
+    assert features["label"].names == DEMO_CLASS_NAMES
+    for split in small_demo.values():
+        assert split["image_id"] == list(range(len(split)))
+        image = split[0]["image"]
+        assert image.mode == "RGB" and image.size == (32, 32)
+
+
+def test_default_sizes_meet_the_spec(default_demo):
+    # The spec's targets are measured over at least 100 held-out images and at least 4 classes.
+    assert len(default_demo["validation"]) >= 100
+    assert len(default_demo["train"]) >= 10 * len(default_demo["validation"])
+    assert len(DEMO_CLASS_NAMES) >= 4
+    for split in default_demo.values():
+        counts = np.bincount(split["label"], minlength=len(DEMO_CLASS_NAMES))
+        assert counts.min() > 0 and counts.max() - counts.min() <= 1, counts  # every class, balanced
+
+
+def test_same_seed_same_data_other_seed_other_data(small_demo):
+    again = make_demo_dataset(num_train=24, num_validation=12, seed=3)
+    other = make_demo_dataset(num_train=24, num_validation=12, seed=4)
+    for split in ("train", "validation"):
+        assert pixel_bytes(again[split]) == pixel_bytes(small_demo[split])
+        assert again[split]["captions"] == small_demo[split]["captions"]
+        assert pixel_bytes(other[split]) != pixel_bytes(small_demo[split])
+
+
+def test_validation_images_are_not_in_train(default_demo):
+    train, validation = set(pixel_bytes(default_demo["train"])), pixel_bytes(default_demo["validation"])
+    assert not train & set(validation)
+    assert len(set(validation)) == len(validation)  # no duplicates inside the held-out split either
+
+
+def test_captions_name_their_class_and_only_it(default_demo):
+    names = DEMO_CLASS_NAMES
+    for split in default_demo.values():
+        for captions, label in zip(split["captions"], split["label"]):
+            assert len(set(captions)) == len(captions), captions  # different phrasings, not copies
+            for caption in captions:
+                mentioned = {name for name in names if re.search(rf"\b{name}\b", caption)}
+                assert mentioned == {names[label]}, (caption, names[label])
+
+
+def test_shapes_are_drawn_differently():
+    # Same attributes and the same noise, only the shape changes: the pictures must differ.
+    attributes = {"colour": "red", "background": "white", "size": "large", "position": "middle"}
+    pictures = [
+        np.asarray(draw_shape_image({**attributes, "shape": name}, 32, np.random.default_rng(0)))
+        for name in DEMO_CLASS_NAMES
+    ]
+    for i in range(len(pictures)):
+        for j in range(i + 1, len(pictures)):
+            assert np.abs(pictures[i].astype(int) - pictures[j].astype(int)).sum() > 0, (i, j)
+
+
+def test_model_and_processor_types_and_sizes(model_and_processor):
+    model, processor = model_and_processor
+    assert isinstance(model, NdClipModel) and isinstance(processor, NdClipProcessor)
+    assert model.config.vision_config.image_size == 32
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+    assert model.config.text_config.max_position_embeddings >= DEMO_TRAINING_DEFAULTS["max_seq_length"]
+
+
+def test_tokenizer_knows_every_demo_word(model_and_processor, default_demo):
+    # The tokenizer was trained on `small_demo`'s 24 images; the vocabulary is closed, so the default data set's
+    # captions (both splits) and the zero-shot prompts must tokenize without [UNK].
+    _, processor = model_and_processor
+    tokenizer = processor.tokenizer
+    texts = [caption for split in default_demo.values() for captions in split["captions"] for caption in captions]
+    texts += [DEMO_ZERO_SHOT_TEMPLATE.format(name) for name in DEMO_CLASS_NAMES]
+    ids = tokenizer(texts)["input_ids"]
+    assert all(tokenizer.unk_token_id not in row for row in ids)
+    assert max(len(row) for row in ids) <= DEMO_TRAINING_DEFAULTS["max_seq_length"]
+
+
+def test_forward_on_a_processed_demo_batch(model_and_processor, small_demo):
+    model, processor = model_and_processor
+    rows = small_demo["train"][:4]
+    batch = processor(text=[captions[0] for captions in rows["captions"]], images=rows["image"], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch, return_loss=True)
+    assert out.logits_per_image.shape == (4, 4)
+    assert out.image_embeds.shape == (4, model.config.projection_dim)
+    assert torch.isfinite(out.loss)
+
+
+def test_same_seed_same_initial_weights(small_demo):
+    first, _ = demo_model_and_processor(small_demo, seed=1)
+    second, _ = demo_model_and_processor(small_demo, seed=1)
+    other, _ = demo_model_and_processor(small_demo, seed=2)
+    torch.testing.assert_close(first.state_dict(), second.state_dict())
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
+
+
+def test_training_defaults_name_the_hyper_parameters():
+    expected = {
+        "learning_rate",
+        "num_train_epochs",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "weight_decay",
+        "num_warmup_steps",
+        "lr_scheduler_type",
+        "max_seq_length",
+    }
+    assert expected <= set(DEMO_TRAINING_DEFAULTS)
+    assert DEMO_TRAINING_DEFAULTS["learning_rate"] > 0 and DEMO_TRAINING_DEFAULTS["num_train_epochs"] >= 1

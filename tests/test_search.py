@@ -1,0 +1,292 @@
+"""search.py: the index (embeddings saved with `datasets`, resumable), text->image and image->caption/image queries
+checked against the model's own forward pass, exact vs FAISS search, the JSON and PNG outputs, and clear errors for
+bad input (another model, an unfinished or missing index, an empty folder)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+from conftest import CAPTIONS, REPO_ROOT, random_images
+from PIL import Image
+
+from ndclip_inference import LINE_HEIGHT, PAD, BadInputError, load_ndclip
+from search import build_index, load_index, main, query_index
+
+NUM_IMAGES = 7
+EXTRA_CAPTIONS = {1: ["a dog sleeps on the grass"], 3: ["a cat runs near the sea"]}
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(saved_model_dir):
+    return load_ndclip(str(saved_model_dir), "cpu")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("collection")
+    for i, image in enumerate(random_images(NUM_IMAGES, size=(36, 44), seed=5)):
+        image.save(folder / f"img_{i}.png")
+    (folder / "index.html").write_text("<p>not an image</p>")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder_index(model_and_processor, saved_model_dir, image_folder, tmp_path_factory):
+    """An index of the folder, built in one go (three chunks of three images)."""
+    output_dir = tmp_path_factory.mktemp("index") / "idx"
+    summary = build_index(
+        *model_and_processor,
+        str(saved_model_dir),
+        {"images": str(image_folder)},
+        output_dir,
+        batch_size=2,
+        chunk_size=3,
+    )
+    assert summary["complete"] and summary["chunks_done"] == [0, 1, 2]
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def caption_dataset_dir(tmp_path_factory):
+    """An `imagefolder` dataset: five images and a metadata.jsonl giving each one or two captions (all different)."""
+    folder = tmp_path_factory.mktemp("imagefolder")
+    rows = []
+    for i, image in enumerate(random_images(5, seed=9)):
+        image.save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": CAPTIONS[i], "extra": EXTRA_CAPTIONS.get(i, [])})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def forward_scores(model, processor, texts, images):
+    """Cosine similarities `[images, texts]` from the model's forward pass (not the tools' batched embedding)."""
+    with torch.no_grad():
+        logits = model(**processor(text=texts, images=images, return_tensors="pt")).logits_per_image
+    return logits / model.clamped_logit_scale()
+
+
+def test_index_is_a_saved_dataset_with_the_model_recorded(
+    folder_index, image_folder, model_and_processor, saved_model_dir
+):
+    model, processor = model_and_processor
+    info = json.loads((folder_index / "index.json").read_text())
+    assert info["model"] == str(saved_model_dir) and info["projection_dim"] == 16 and len(info["fingerprint"]) == 16
+    assert info["complete"] and info["num_images"] == NUM_IMAGES and not (folder_index / "chunks").exists()
+
+    images = datasets.load_from_disk(str(folder_index / "images"))
+    assert images.column_names == ["row", "embedding", "path"] and images[:]["row"] == list(range(NUM_IMAGES))
+    assert images[:]["path"] == [str(image_folder / f"img_{i}.png") for i in range(NUM_IMAGES)]
+    embeddings = images.with_format("torch")[:]["embedding"]
+    assert embeddings.shape == (NUM_IMAGES, 16) and embeddings.dtype == torch.float32
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(NUM_IMAGES))
+
+
+def test_text_query_ranks_images_as_the_forward_pass_does(folder_index, model_and_processor, image_folder):
+    model, processor = model_and_processor
+    _, index = load_index(folder_index, model, "the same model")
+    results = query_index(model, processor, index, text=CAPTIONS[2], top_k=4)
+
+    pictures = [Image.open(image_folder / f"img_{i}.png") for i in range(NUM_IMAGES)]
+    expected = forward_scores(model, processor, [CAPTIONS[2]], pictures)[:, 0]
+    scores, rows = expected.topk(4)
+    assert [r["row"] for r in results] == rows.tolist() and [r["rank"] for r in results] == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([r["score"] for r in results]), scores, atol=1e-5, rtol=0)
+    assert [r["path"] for r in results] == [str(image_folder / f"img_{i}.png") for i in rows.tolist()]
+
+
+def test_image_query_without_captions_finds_the_image_itself_first(folder_index, model_and_processor, image_folder):
+    model, processor = model_and_processor
+    _, index = load_index(folder_index, model, "the same model")
+    results = query_index(model, processor, index, image=str(image_folder / "img_3.png"), top_k=NUM_IMAGES + 5)
+    assert len(results) == NUM_IMAGES and results[0]["row"] == 3 and results[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(BadInputError, match="this index has no captions"):
+        query_index(model, processor, index, image=str(image_folder / "img_3.png"), target="captions")
+
+
+def test_exact_and_faiss_search_give_the_same_results(folder_index, model_and_processor, image_folder):
+    pytest.importorskip("faiss")
+    model, processor = model_and_processor
+    _, index = load_index(folder_index, model, "the same model")
+    for query in ({"text": "a dog runs across the field"}, {"image": str(image_folder / "img_5.png")}):
+        exact = query_index(model, processor, index, top_k=5, **query)
+        approximate = query_index(model, processor, index, top_k=5, use_faiss=True, **query)
+        assert [r["row"] for r in exact] == [r["row"] for r in approximate]
+        for a, b in zip(exact, approximate):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_interrupted_index_resumes_without_recomputing_finished_chunks(
+    model_and_processor, saved_model_dir, image_folder, folder_index, tmp_path
+):
+    output_dir = tmp_path / "idx"
+    source = {"images": str(image_folder)}
+    first = build_index(*model_and_processor, str(saved_model_dir), source, output_dir, chunk_size=2, max_chunks=2)
+    assert not first["complete"] and first["chunks_done"] == [0, 1]
+    chunks = output_dir / "chunks"
+    assert sorted(os.listdir(chunks)) == ["00000", "00001"]
+    with pytest.raises(BadInputError, match="unfinished"):
+        load_index(output_dir, model_and_processor[0], "the same model")
+
+    # A crash in the middle of writing chunk 2 leaves a temporary folder: it is thrown away and chunk 2 redone.
+    (chunks / "00002.tmp" / "images").mkdir(parents=True)
+    (chunks / "00002.tmp" / "images" / "junk.arrow").write_text("half-written")
+    stamps = {p: p.stat().st_mtime_ns for p in (chunks / "00000").rglob("*")}
+    second = build_index(*model_and_processor, str(saved_model_dir), source, output_dir, chunk_size=2, max_chunks=1)
+    assert second["chunks_done"] == [2] and sorted(os.listdir(chunks)) == ["00000", "00001", "00002"]
+    assert {p: p.stat().st_mtime_ns for p in (chunks / "00000").rglob("*")} == stamps  # untouched
+
+    third = build_index(*model_and_processor, str(saved_model_dir), source, output_dir, chunk_size=2)
+    assert third["complete"] and third["chunks_done"] == [3]
+    resumed = datasets.load_from_disk(str(output_dir / "images")).with_format("torch")[:]
+    whole = datasets.load_from_disk(str(folder_index / "images")).with_format("torch")[:]  # in one go, other chunks
+    assert resumed["path"] == whole["path"] and resumed["row"].tolist() == whole["row"].tolist() == list(range(7))
+    torch.testing.assert_close(resumed["embedding"], whole["embedding"])
+    again = build_index(*model_and_processor, str(saved_model_dir), source, output_dir, chunk_size=2)
+    assert again["complete"] and again["chunks_done"] == []
+
+
+def test_dataset_collection_with_captions(model_and_processor, saved_model_dir, caption_dataset_dir, tmp_path):
+    model, processor = model_and_processor
+    output_dir = tmp_path / "idx"
+    main(
+        [
+            "index",
+            "--model",
+            str(saved_model_dir),
+            "--data_dir",
+            str(caption_dataset_dir),
+            "--caption_column",
+            "text,extra",
+            "--chunk_size",
+            "2",
+            "--output_dir",
+            str(output_dir),
+        ]
+    )
+    captions = datasets.load_from_disk(str(output_dir / "captions"))[:]  # columns as lists
+    # One row per caption, in the collection's order: image i's "text", then its "extra" captions.
+    expected = [(i, text) for i in range(5) for text in [CAPTIONS[i], *EXTRA_CAPTIONS.get(i, [])]]
+    assert list(zip(captions["image_row"], captions["caption"])) == expected
+
+    query = tmp_path / "query.png"
+    random_images(5, seed=9)[1].save(query)
+    results = main(
+        [
+            "query",
+            "--index",
+            str(output_dir),
+            "--image",
+            str(query),
+            "--top_k",
+            "3",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--png",
+            str(tmp_path / "r.png"),
+        ]
+    )
+    scores = forward_scores(model, processor, captions["caption"], [Image.open(query)])[0]
+    top = scores.topk(3)
+    assert [r["caption"] for r in results] == [captions["caption"][i] for i in top.indices.tolist()]
+    assert [r["row"] for r in results] == [captions["image_row"][i] for i in top.indices.tolist()]
+    torch.testing.assert_close(torch.tensor([r["score"] for r in results]), top.values, atol=1e-5, rtol=0)
+    assert json.loads((tmp_path / "r.json").read_text())["results"] == results
+    with Image.open(tmp_path / "r.png") as strip:  # the images come from the dataset: three cells, two text lines
+        assert strip.size == (3 * (160 + 2 * PAD), 160 + 2 * PAD + 2 * LINE_HEIGHT)
+
+
+def test_query_with_another_model_fails_clearly(folder_index, make_model, processor, tmp_path):
+    other = tmp_path / "other"  # same shape, other weights
+    make_model(seed=1).save_pretrained(other)
+    processor.save_pretrained(other)
+    with pytest.raises(BadInputError, match=r"model mismatch: .* was built with .*fingerprint"):
+        main(["query", "--index", str(folder_index), "--model", str(other), "--text", "a dog"])
+
+    smaller = tmp_path / "smaller"  # another embedding size
+    make_model(projection_dim=8).save_pretrained(smaller)
+    processor.save_pretrained(smaller)
+    with pytest.raises(BadInputError, match="embedding size mismatch: .* holds 16-d embeddings .* gives 8-d ones"):
+        main(["query", "--index", str(folder_index), "--model", str(smaller), "--text", "a dog"])
+
+    partial = tmp_path / "partial"  # resuming with another model is refused too
+    shutil.copytree(folder_index, partial)
+    info = json.loads((partial / "index.json").read_text())
+    (partial / "index.json").write_text(json.dumps({**info, "complete": False}))
+    with pytest.raises(BadInputError, match="other settings .*fingerprint"):
+        main(
+            [
+                "index",
+                "--model",
+                str(other),
+                "--images",
+                info["source"]["images"],
+                "--chunk_size",
+                "3",
+                "--output_dir",
+                str(partial),
+            ]
+        )
+
+
+def test_bad_index_and_collection_inputs(saved_model_dir, caption_dataset_dir, tmp_path):
+    with pytest.raises(BadInputError, match="is not a search index"):
+        main(["query", "--index", str(tmp_path), "--model", str(saved_model_dir), "--text", "a dog"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="holds no images"):
+        main(
+            [
+                "index",
+                "--model",
+                str(saved_model_dir),
+                "--images",
+                str(tmp_path / "empty"),
+                "--output_dir",
+                str(tmp_path / "i"),
+            ]
+        )
+    with pytest.raises(BadInputError, match="no column 'caption'"):
+        main(
+            [
+                "index",
+                "--model",
+                str(saved_model_dir),
+                "--data_dir",
+                str(caption_dataset_dir),
+                "--caption_column",
+                "caption",
+                "--output_dir",
+                str(tmp_path / "i"),
+            ]
+        )
+
+
+def test_command_line(folder_index, tmp_path):
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "search.py"),
+        "query",
+        "--index",
+        str(folder_index),
+        "--text",
+        "a cat sleeps on a sofa",
+        "--top_k",
+        "4",
+        "--json",
+        "out.json",
+        "--png",
+        "strip.png",
+    ]
+    done = subprocess.run(
+        command, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert [r["rank"] for r in results] == [1, 2, 3, 4]
+    assert all(f"{r['score']:.4f}  {r['path']}" in done.stdout for r in results)  # the printed table
+    with Image.open(tmp_path / "strip.png") as strip:
+        assert strip.size == (4 * (160 + 2 * PAD), 160 + 2 * PAD + 2 * LINE_HEIGHT)
