@@ -675,6 +675,9 @@ class CaptionCollator:
             return captions[0]
         return self._sample_random(image_id).choice(captions)
 
+    def tokenize(self, captions: list[str]) -> dict:
+        return _tokenize(self.tokenizer, captions, self.max_seq_length)
+
     def pixel_values(self, example: dict) -> torch.Tensor:
         if self.image_transform is None:
             return example["pixel_values"]
@@ -689,7 +692,7 @@ class CaptionCollator:
         batch = {}
         if "captions" in examples[0]:  # an image-classification set (zero-shot evaluation) has none
             captions = [self.choose_caption(example["captions"], example["image_id"]) for example in examples]
-            batch = _tokenize(self.tokenizer, captions, self.max_seq_length)
+            batch = self.tokenize(captions)
         batch["pixel_values"] = torch.stack([self.pixel_values(example) for example in examples])
         if "image_id" in examples[0]:
             batch["image_ids"] = torch.tensor([example["image_id"] for example in examples])

@@ -284,6 +284,8 @@ class NdClipModel(NdClipPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        image_tower_features: torch.FloatTensor | None = None,
+        text_tower_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> NdClipOutput | tuple:
         """
@@ -297,9 +299,16 @@ class NdClipModel(NdClipPreTrainedModel):
                 pair i being image i with text i).
             token_type_ids, position_ids: passed to the text tower when it takes them (ignored by DistilBERT).
             output_attentions, output_hidden_states: passed to both towers.
+            image_tower_features, text_tower_features (`torch.FloatTensor` of shape `(batch, tower_width)`): pooled
+                tower outputs computed earlier (the `pooler_output` of `_encode_image` / `_encode_text`), used instead
+                of running that tower; this is how frozen towers train from a feature cache.
             kwargs: other keys a tokenizer or pipeline adds are ignored (logged once).
         """
-        if input_ids is None and pixel_values is None:
+        if pixel_values is not None and image_tower_features is not None:
+            raise ValueError("pass either `pixel_values` or `image_tower_features`, not both")
+        if input_ids is not None and text_tower_features is not None:
+            raise ValueError("pass either `input_ids` or `text_tower_features`, not both")
+        if input_ids is None and pixel_values is None and image_tower_features is None and text_tower_features is None:
             raise ValueError(
                 "NdClipModel.forward got neither `input_ids` (text) nor `pixel_values` (images): pass at least one"
             )
@@ -312,10 +321,14 @@ class NdClipModel(NdClipPreTrainedModel):
         image_embeds = text_embeds = vision_outputs = text_outputs = None
         if pixel_values is not None:
             vision_outputs = self._encode_image(pixel_values, **tower_kwargs)
-            image_embeds = nn.functional.normalize(self.visual_projection(vision_outputs.pooler_output), dim=-1)
+            image_tower_features = vision_outputs.pooler_output
+        if image_tower_features is not None:
+            image_embeds = nn.functional.normalize(self.visual_projection(image_tower_features), dim=-1)
         if input_ids is not None:
             text_outputs = self._encode_text(input_ids, attention_mask, token_type_ids, position_ids, **tower_kwargs)
-            text_embeds = nn.functional.normalize(self.text_projection(text_outputs.pooler_output), dim=-1)
+            text_tower_features = text_outputs.pooler_output
+        if text_tower_features is not None:
+            text_embeds = nn.functional.normalize(self.text_projection(text_tower_features), dim=-1)
 
         logits_per_text = logits_per_image = loss = None
         logit_scale = self.clamped_logit_scale()

@@ -40,6 +40,7 @@ from image_caption_data import (
     load_image_caption_dataset,
     train_image_transform,
 )
+from frozen_tower_cache import CachedTowerCollator, caption_offsets, compute_caption_features, compute_image_features
 from modeling_ndclip import NdClipModel, ndclip_loss
 from processing_ndclip import NdClipProcessor
 from retrieval_metrics import chunked_contrastive_loss, retrieval_metrics, zero_shot_accuracy
@@ -67,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--text_pooling", choices=["cls", "mean"], default="mean")
     model.add_argument("--freeze_vision_model", action="store_true")
     model.add_argument("--freeze_text_model", action="store_true")
+    model.add_argument("--disable_feature_cache", action="store_true", help="Run frozen towers at every step.")
     model.add_argument("--gradient_checkpointing", action="store_true")
 
     data = parser.add_argument_group("data")
@@ -217,6 +219,52 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_loader(dataset, batch_size: int, collate_fn, args, train: bool = False) -> DataLoader:
+    """A DataLoader that never draws from torch's global random generator, which dropout uses: its shuffling comes
+    from accelerate's seedable sampler and its worker seeds from its own generator. Evaluations, feature caching and
+    resumes then leave the training's random stream exactly where an uninterrupted run has it."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,  # the contrastive loss wants full batches, the same size on every process
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+def set_train_mode(model, accelerator, args) -> None:
+    """Training mode, except for frozen towers: they stay in eval mode (no dropout), as in LiT, so that their output
+    for an input is fixed -- which is also what makes their features cacheable."""
+    model.train()
+    unwrapped = accelerator.unwrap_model(model)
+    if args.freeze_vision_model:
+        unwrapped.vision_model.eval()
+    if args.freeze_text_model:
+        unwrapped.text_model.eval()
+
+
+def build_feature_cache(model, train_split, train_collator, eval_collator, accelerator, args):
+    """The training data and collator that feed frozen towers' cached features instead of running them."""
+    batch_size = args.per_device_eval_batch_size
+    image_features = caption_features = offsets = None
+    model.eval()
+    if args.freeze_vision_model:
+        loader = accelerator.prepare(make_loader(train_split, batch_size, eval_collator, args))
+        image_features = compute_image_features(model, loader, accelerator, len(train_split))
+    if args.freeze_text_model:
+        text_collator = TextCollator(train_collator.tokenizer, args.max_seq_length)
+        loader = accelerator.prepare(make_loader(flatten_captions(train_split), batch_size, text_collator, args))
+        caption_features = compute_caption_features(model, loader, accelerator)
+        offsets = caption_offsets([len(captions) for captions in train_split["captions"]])
+    # Without the vision tower the images themselves are not needed: no picture is decoded after the cache is filled.
+    data = train_split.select_columns(["image_id", "captions"]) if image_features is not None else train_split
+    logger.info(f"cached frozen tower features: images {tuple(getattr(image_features, 'shape', ()))}, "
+                f"captions {tuple(getattr(caption_features, 'shape', ()))}")
+    return data, CachedTowerCollator(train_collator, image_features, caption_features, offsets)
+
+
 # ----- the loss over the global batch -------------------------------------------------------------------------------
 
 
@@ -284,7 +332,7 @@ def evaluate(model, loaders, processor, accelerator, args, class_names=None, zer
         metrics["zero_shot_chance"] = 1.0 / len(class_names)
     if zero_shot is not None:
         metrics.update(evaluate_zero_shot_dataset(model, zero_shot, processor, accelerator, args))
-    model.train()
+    set_train_mode(model, accelerator, args)
     return metrics
 
 
@@ -481,44 +529,39 @@ def main(argv=None):
 
     image_processor, tokenizer = processor.image_processor, processor.tokenizer
     # Images are transformed on the fly in the collators: the training crop and caption are functions of
-    # (seed, epoch, image), the evaluation transform is the image processor's deterministic resize.
-    train_collator = CaptionCollator(
-        tokenizer, args.max_seq_length, seed=args.seed, image_transform=train_image_transform(image_processor)
-    )
+    # (seed, epoch, image), the evaluation transform is the image processor's deterministic resize. A frozen vision
+    # tower sees un-augmented images, so that its output per image is fixed (and can be cached).
+    train_transform = (eval_image_transform if args.freeze_vision_model else train_image_transform)(image_processor)
+    train_collator = CaptionCollator(tokenizer, args.max_seq_length, seed=args.seed, image_transform=train_transform)
     eval_collator = CaptionCollator(
         tokenizer, args.max_seq_length, train=False, image_transform=eval_image_transform(image_processor)
     )
-    loader_kwargs = {"num_workers": args.dataloader_num_workers}
-    train_loader = DataLoader(
-        train_split,
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        drop_last=True,  # the contrastive loss wants full batches, the same size on every process
-        collate_fn=train_collator,
-        # The loader draws worker seeds from its own generator, not the global one that dropout uses: a resumed
-        # run's global random stream then continues exactly where the checkpoint left it.
-        generator=torch.Generator().manual_seed(args.seed),
-        **loader_kwargs,
-    )
+    eval_batch = args.per_device_eval_batch_size
     eval_loaders = {
-        "images": DataLoader(eval_split, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator, **loader_kwargs),
-        "captions": DataLoader(
-            flatten_captions(eval_split),
-            batch_size=args.per_device_eval_batch_size * 4,
-            collate_fn=TextCollator(tokenizer, max_seq_length=args.max_seq_length),
-            **loader_kwargs,
+        "images": make_loader(eval_split, eval_batch, eval_collator, args),
+        "captions": make_loader(
+            flatten_captions(eval_split), eval_batch * 4, TextCollator(tokenizer, args.max_seq_length), args
         ),
     }
     zero_shot = None
     if args.zero_shot_dataset:
         with accelerator.main_process_first():
             zs_data, zs_names = load_zero_shot_dataset(args)
-        zero_shot = (DataLoader(zs_data, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator), zs_names)
+        zero_shot = (make_loader(zs_data, eval_batch, eval_collator, args), zs_names)
 
     # Optimizer and schedule: AdamW with decoupled weight decay, warmup, then the chosen schedule. The schedule is
     # sized from the prepared loader, whose length is the number of batches *this* process sees per epoch.
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, args.weight_decay), lr=args.learning_rate)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
+
+    # Frozen towers: their features for the whole training split are computed once, then training reads the cache.
+    train_data, collate = train_split, train_collator
+    if (args.freeze_vision_model or args.freeze_text_model) and not args.disable_feature_cache:
+        train_data, collate = build_feature_cache(model, train_split, train_collator, eval_collator, accelerator, args)
+    train_loader = accelerator.prepare(
+        make_loader(train_data, args.per_device_train_batch_size, collate, args, train=True)
+    )
     updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     if updates_per_epoch == 0:
         raise SystemExit(
@@ -536,7 +579,6 @@ def main(argv=None):
             num_training_steps=args.max_train_steps,
         )
     )
-    eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
     if zero_shot is not None:
         zero_shot = (accelerator.prepare(zero_shot[0]), zero_shot[1])
     unwrapped = accelerator.unwrap_model(model)
@@ -567,16 +609,14 @@ def main(argv=None):
     )
     eval_results = None
     for epoch in range(start_epoch, args.num_train_epochs):
-        model.train()
+        set_train_mode(model, accelerator, args)
         train_loader.set_epoch(epoch)
-        train_collator.set_epoch(epoch)
+        collate.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         batches_in_epoch, skip_batches = skip_batches, 0
         for batch in batches:
             with accelerator.accumulate(model):
-                outputs = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
-                )
+                outputs = model(**{k: v for k, v in batch.items() if k not in ("image_ids", "labels")})
                 loss = global_contrastive_loss(outputs, accelerator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:

@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     finish,
     hardware_info,
     mib,
+    ratio,
     run_child,
     setup_torch,
     summarize,
@@ -69,7 +70,7 @@ def make_embeddings(num_images: int, captions_per_image: int, dim: int, seed: in
     generator = torch.Generator().manual_seed(seed)
     image_embeds = torch.nn.functional.normalize(torch.randn(num_images, dim, generator=generator), dim=-1)
     text_image_ids = torch.arange(num_images).repeat_interleave(captions_per_image)
-    noise = torch.randn(len(text_image_ids), dim, generator=generator).mul_(0.1)
+    noise = torch.randn(len(text_image_ids), dim, generator=generator).mul_(0.3)
     text_embeds = torch.nn.functional.normalize(noise.add_(image_embeds[text_image_ids]), dim=-1)
     return image_embeds.to(device), text_embeds.to(device), text_image_ids.to(device)
 
@@ -159,7 +160,7 @@ def memory_report(args, num_images: int, methods: tuple[str, ...]) -> dict:
     report["chunked_bound_bytes"] = args.chunk_size * max(num_images, num_captions) * FLOAT_BYTES
     report["chunked_vs_naive_matrix"] = report["chunked"]["extra_bytes"] / report["naive_similarity_matrix_bytes"]
     if "naive" in methods:
-        report["chunked_vs_naive_memory"] = report["chunked"]["extra_bytes"] / report["naive"]["extra_bytes"]
+        report["chunked_vs_naive_memory"] = ratio(report["chunked"]["extra_bytes"], report["naive"]["extra_bytes"])
     return report
 
 
@@ -188,7 +189,7 @@ def main(argv=None) -> None:
     large_extra = result["memory"][large_key]["chunked"]["extra_bytes"]
     result["bounded_memory"] = {
         "pairs_growth": args.scale**2,
-        "chunked_extra_growth": large_extra / small_extra,
+        "chunked_extra_growth": ratio(large_extra, small_extra),
         "naive_matrix_growth": args.scale**2,
         "large_chunked_extra_vs_bound": large_extra / result["memory"][large_key]["chunked_bound_bytes"],
         "large_naive_matrix_gb": matrix_bytes(large, large * args.captions_per_image) / 1e9,

@@ -63,6 +63,7 @@ from common import (  # noqa: E402
     measure_matmul_flops,
     mib,
     projection_macs_per_sample,
+    ratio,
     run_child,
     setup_torch,
     summarize,
@@ -281,7 +282,7 @@ def measure_memory(args, size: str, dtype: str) -> dict:
         "no_checkpointing": plain,
         "checkpointing": checkpointed,
         "checkpointing_peak_ratio": checkpointed["peak_bytes"] / plain["peak_bytes"],
-        "checkpointing_step_extra_ratio": checkpointed["step_extra_bytes"] / plain["step_extra_bytes"],
+        "checkpointing_step_extra_ratio": ratio(checkpointed["step_extra_bytes"], plain["step_extra_bytes"]),
     }
 
 

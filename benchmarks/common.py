@@ -237,6 +237,12 @@ def run_child(script: Path, argv: list[str], timeout: float | None = None) -> di
     return json.loads(completed.stdout)
 
 
+def ratio(numerator: float, denominator: float) -> float | None:
+    """`numerator / denominator`, or None where the denominator is not positive (a memory delta can be 0 at tiny
+    sizes, when freed memory the allocator kept is reused)."""
+    return numerator / denominator if denominator > 0 else None
+
+
 def mib(num_bytes: float) -> float:
     return round(num_bytes / 2**20, 1)
 

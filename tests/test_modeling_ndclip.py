@@ -258,3 +258,17 @@ def test_processor_converts_non_rgb_images(processor, make_model):
 def test_captions_fixture_is_used(processor):
     ids = processor(text=CAPTIONS, return_tensors="pt")["input_ids"]
     assert (ids == processor.tokenizer.unk_token_id).sum() == 0  # the tokenizer was trained on these captions
+
+
+def test_forward_from_precomputed_tower_features_equals_the_full_forward(make_model, batch):
+    """Frozen towers train from cached pooled features: the heads and loss must see exactly what the towers give."""
+    model = make_model()
+    with torch.no_grad():
+        full = model(**batch, return_loss=True)
+        image_features = model._encode_image(batch["pixel_values"]).pooler_output
+        text_features = model._encode_text(batch["input_ids"], batch["attention_mask"]).pooler_output
+        cached = model(image_tower_features=image_features, text_tower_features=text_features, return_loss=True)
+    torch.testing.assert_close(cached.logits_per_image, full.logits_per_image)
+    torch.testing.assert_close(cached.loss, full.loss)
+    with pytest.raises(ValueError, match="either `pixel_values` or `image_tower_features`"):
+        model(pixel_values=batch["pixel_values"], image_tower_features=image_features)

@@ -206,6 +206,33 @@ def test_two_processes_compute_the_same_loss_and_weights_as_one(tmp_path, tiny_m
         torch.testing.assert_close(weights_two[name], tensor, rtol=0, atol=1e-4, msg=name)
 
 
+# ----- frozen towers train from cached features -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frozen", ["both", "vision"])
+def test_frozen_towers_train_from_cached_features_like_without(frozen, tmp_path, tiny_model):
+    flags = ["--freeze_vision_model", "--freeze_text_model"] if frozen == "both" else ["--freeze_vision_model"]
+    data_args = write_format("kaggle", tmp_path / "data")
+    common = ["--model_name_or_path", str(tiny_model), *data_args, *flags, "--max_train_steps", "6",
+              "--learning_rate", "1e-3", *SMALL_RUN]  # fmt: skip
+    cached = launch([*common, "--output_dir", str(tmp_path / "cached")])
+    launch([*common, "--output_dir", str(tmp_path / "uncached"), "--disable_feature_cache"])
+
+    assert "cached frozen tower features" in cached.stderr
+    losses = {run: [r["loss"] for r in history(tmp_path / run) if "loss" in r] for run in ("cached", "uncached")}
+    assert len(losses["cached"]) == 6 and losses["cached"] == pytest.approx(losses["uncached"], rel=1e-4)
+    weights = {run: load_file(tmp_path / run / "model.safetensors") for run in ("cached", "uncached")}
+    initial = load_file(tiny_model / "model.safetensors")
+    for name, tensor in weights["uncached"].items():
+        # Same tolerance argument as the two-process test: batch composition changes float summation order.
+        torch.testing.assert_close(weights["cached"][name], tensor, rtol=0, atol=1e-4, msg=name)
+        if name.startswith("vision_model.") or (frozen == "both" and name.startswith("text_model.")):
+            assert torch.equal(tensor, initial[name]), f"{name} is frozen"
+    if frozen == "vision":
+        assert not torch.equal(weights["cached"]["text_model.embeddings.word_embeddings.weight"],
+                               initial["text_model.embeddings.word_embeddings.weight"])  # fmt: skip
+
+
 # ----- checkpoints: kill -9 and resume ------------------------------------------------------------------------------
 
 

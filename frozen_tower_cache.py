@@ -1,0 +1,83 @@
+"""Frozen towers, computed once: LiT-style training of the heads from cached tower features.
+
+A frozen tower runs in eval mode (no dropout) on un-augmented inputs, so its pooled output for an image or a caption
+never changes during training. `run_clip.py` then computes it once for the whole training split and trains the
+heads (and whatever is not frozen) from the cache: the result equals the uncached frozen run, and every epoch after
+the one that fills the cache skips the frozen tower entirely.
+"""
+
+import torch
+from tqdm.auto import tqdm
+
+from image_caption_data import CaptionCollator
+
+
+@torch.no_grad()
+def compute_image_features(model, loader, accelerator, num_images: int) -> torch.Tensor:
+    """Pooled, unprojected vision-tower output of every image, as a `[num_images, width]` CPU tensor indexed by
+    `image_id`. The loader (prepared, unshuffled) yields `pixel_values` and `image_ids`; each process embeds its
+    shard and the shards are gathered, so every process ends with the whole cache."""
+    features = None
+    for batch in tqdm(loader, desc="caching image features", disable=not accelerator.is_local_main_process):
+        pooled = model(pixel_values=batch["pixel_values"]).vision_model_output.pooler_output
+        pooled, ids = accelerator.gather_for_metrics((pooled.float(), batch["image_ids"]))
+        if features is None:
+            features = torch.zeros(num_images, pooled.shape[-1])
+        features[ids.cpu()] = pooled.cpu()
+    return features
+
+
+@torch.no_grad()
+def compute_caption_features(model, loader, accelerator) -> torch.Tensor:
+    """Pooled, unprojected text-tower output of every caption, in the order of `flatten_captions(split)` (image by
+    image, each image's captions in order), as a `[num_captions, width]` CPU tensor."""
+    parts = []
+    for batch in tqdm(loader, desc="caching caption features", disable=not accelerator.is_local_main_process):
+        pooled = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_model_output.pooler_output
+        parts.append(accelerator.gather_for_metrics(pooled.float()).cpu())
+    return torch.cat(parts)
+
+
+def caption_offsets(captions_per_image: list[int]) -> list[int]:
+    """Row of each image's first caption in the flattened caption cache."""
+    offsets, row = [], 0
+    for count in captions_per_image:
+        offsets.append(row)
+        row += count
+    return offsets
+
+
+class CachedTowerCollator:
+    """A `CaptionCollator` whose frozen towers' inputs are replaced by their cached features.
+
+    It chooses the same caption (and, for an unfrozen vision tower, applies the same crop) as the wrapped collator,
+    so a cached run sees exactly the data of an uncached one. With the image cache the examples need no `image`
+    column at all, and no picture is decoded.
+    """
+
+    def __init__(self, collator: CaptionCollator, image_features=None, caption_features=None, offsets=None):
+        self.collator = collator
+        self.image_features = image_features
+        self.caption_features = caption_features
+        self.offsets = offsets
+
+    def set_epoch(self, epoch: int) -> None:
+        self.collator.set_epoch(epoch)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        collator, ids = self.collator, [example["image_id"] for example in examples]
+        if self.caption_features is None:
+            captions = [collator.choose_caption(e["captions"], e["image_id"]) for e in examples]
+            batch = collator.tokenize(captions)
+        else:
+            rows = [self.offsets[e["image_id"]] + self._caption_index(e) for e in examples]
+            batch = {"text_tower_features": self.caption_features[rows]}
+        if self.image_features is None:
+            batch["pixel_values"] = torch.stack([collator.pixel_values(example) for example in examples])
+        else:
+            batch["image_tower_features"] = self.image_features[ids]
+        batch["image_ids"] = torch.tensor(ids)
+        return batch
+
+    def _caption_index(self, example: dict) -> int:
+        return example["captions"].index(self.collator.choose_caption(example["captions"], example["image_id"]))
