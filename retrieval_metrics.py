@@ -31,8 +31,9 @@ def retrieval_metrics(
     Args:
         image_embeds: `[N, D]` L2-normalised image embeddings.
         text_embeds: `[M, D]` L2-normalised caption embeddings.
-        text_image_ids: `[M]` the id of the image each caption describes (a value of `image_ids`).
-        image_ids: `[N]` the id of each image row, all different; defaults to `arange(N)`.
+        text_image_ids: `[M]` integer id of the image each caption describes (a value of `image_ids`); a tensor,
+            array or list.
+        image_ids: `[N]` integer id of each image row, all different; defaults to `arange(N)`.
         ks: the K of recall@K.
         chunk_size: rows of the similarity matrix computed at once (bounds the memory, not the result).
 
@@ -47,11 +48,12 @@ def retrieval_metrics(
     that ties with the correct one does not push it down: ties count in favour of the hit. Other correct captions
     of the same image never push the best one down either (they score at most as high).
     """
-    image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
     device = image_embeds.device
+    image_embeds, text_embeds = image_embeds.float(), text_embeds.float().to(device)
     if image_ids is None:
         image_ids = torch.arange(len(image_embeds), device=device)
-    image_ids, text_image_ids = image_ids.to(device), text_image_ids.to(device)
+    image_ids = torch.as_tensor(image_ids, device=device)
+    text_image_ids = torch.as_tensor(text_image_ids, device=device)
     _check_retrieval_inputs(image_embeds, text_embeds, text_image_ids, image_ids)
 
     text_image_rows = _image_rows_of_captions(text_image_ids, image_ids)

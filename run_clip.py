@@ -26,7 +26,7 @@ import torch.distributed.nn.functional  # all_gather with gradients
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, SchedulerType, get_scheduler
@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--freeze_text_model", action="store_true")
     model.add_argument("--disable_feature_cache", action="store_true", help="Run frozen towers at every step.")
     model.add_argument("--gradient_checkpointing", action="store_true")
+    model.add_argument("--torch_compile", action="store_true", help="Compile the model with torch.compile (inductor).")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", default="jxie/flickr8k")
@@ -238,7 +239,7 @@ def set_train_mode(model, accelerator, args) -> None:
     """Training mode, except for frozen towers: they stay in eval mode (no dropout), as in LiT, so that their output
     for an input is fixed -- which is also what makes their features cacheable."""
     model.train()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if args.freeze_vision_model:
         unwrapped.vision_model.eval()
     if args.freeze_text_model:
@@ -492,6 +493,8 @@ def main(argv=None):
         log_with=args.report_to if args.with_tracking else None,
         project_config=ProjectConfiguration(args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # Captions are padded per batch, so sequence lengths vary: compile for dynamic shapes, not one per length.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True) if args.torch_compile else None,
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown ours
@@ -581,7 +584,7 @@ def main(argv=None):
     )
     if zero_shot is not None:
         zero_shot = (accelerator.prepare(zero_shot[0]), zero_shot[1])
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
 
     if args.with_tracking:
         config = {k: (v.value if hasattr(v, "value") else v) for k, v in vars(args).items()}

@@ -22,13 +22,17 @@ float32 similarities.
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (common.py puts the repo root on sys.path)
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]  # common.py, and the model files at the repository root
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
-from common import (  # noqa: E402
+import torch
+from common import (
     PeakMemory,
     add_common_args,
     emit,
@@ -42,9 +46,7 @@ from common import (  # noqa: E402
     time_interleaved,
 )
 
-import torch  # noqa: E402
-
-from retrieval_metrics import retrieval_metrics  # noqa: E402
+from retrieval_metrics import retrieval_metrics
 
 KS = (1, 5, 10)
 FLOAT_BYTES = 4
@@ -141,9 +143,22 @@ def memory_child(args) -> dict:
 
 
 def measure_memory(args, num_images: int, method: str) -> dict:
-    argv = ["--memory_child", method, "--images", str(num_images), "--captions_per_image",
-            str(args.captions_per_image), "--dim", str(args.dim), "--chunk_size", str(args.chunk_size),
-            "--device", args.device, "--seed", str(args.seed)]
+    argv = [
+        "--memory_child",
+        method,
+        "--images",
+        str(num_images),
+        "--captions_per_image",
+        str(args.captions_per_image),
+        "--dim",
+        str(args.dim),
+        "--chunk_size",
+        str(args.chunk_size),
+        "--device",
+        args.device,
+        "--seed",
+        str(args.seed),
+    ]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     return run_child(Path(__file__), argv)

@@ -17,13 +17,17 @@ Retrieval quality after the same training budget (R@1/R@5 on the demo data) is n
 """
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (common.py puts the repo root on sys.path)
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]  # common.py, and the model files at the repository root
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
-from common import (  # noqa: E402
+import torch
+from common import (
     DTYPES,
     add_common_args,
     comma_list,
@@ -37,13 +41,11 @@ from common import (  # noqa: E402
     time_interleaved,
     without_copies_max_rel_diff,
 )
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from configuration_ndclip import NdClipConfig, tower_width  # noqa: E402
-from modeling_ndclip import NdClipProjection  # noqa: E402
-from tiny_towers import tiny_config  # noqa: E402
+from configuration_ndclip import NdClipConfig, tower_width
+from modeling_ndclip import NdClipProjection
+from tiny_towers import tiny_config
 
 SIZES = ("tiny", "real")
 HEAD_TYPES = ("ndlinear", "linear")

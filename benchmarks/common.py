@@ -20,14 +20,8 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 DTYPES = ("fp32", "bf16")
 
@@ -226,11 +220,50 @@ class PeakMemory:
         return _proc_status_bytes("VmHWM")
 
 
+def profile_tensor_peak(fn: Callable[[], object], device: str) -> dict:
+    """Peak bytes of live tensors while `fn` runs, and what they were at that moment, from torch.profiler's memory
+    timeline (the analogue of `torch.cuda.max_memory_allocated` on any device, without the C allocator's slack).
+
+    Tensors that exist before `fn` count from the first time an operator touches them (parameters, optimizer
+    state, the batch). Categories are the profiler's: parameter, optimizer_state, input, activation, gradient,
+    autograd_detail, temporary, unknown. `export_memory_timeline` is marked deprecated in torch 2.x (it points to the
+    CUDA-only snapshot tools), so a torch without it gives `None` here rather than failing the benchmark.
+    """
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    try:
+        from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX
+
+        with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            fn()
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            path = Path(folder) / "timeline.json"
+            prof.export_memory_timeline(str(path), device="cuda:0" if device == "cuda" else "cpu")
+            _, sizes = json.loads(path.read_text())
+    except Exception as error:  # noqa: BLE001 - a profiler feature missing must not cost the whole benchmark
+        print(f"profile_tensor_peak: {type(error).__name__}: {error}", file=sys.stderr)
+        return {"tensor_peak_bytes": None, "tensor_peak_by_category_mib": None}
+    names = ["unused"] + [
+        (category.name.lower() if category is not None else "unknown")
+        for category, _ in sorted(_CATEGORY_TO_INDEX.items(), key=lambda item: item[1])
+    ]
+    at_peak = max(sizes, key=sum)
+    return {
+        "tensor_peak_bytes": sum(at_peak),
+        "tensor_peak_by_category_mib": {name: mib(size) for name, size in zip(names, at_peak) if size},
+    }
+
+
 def run_child(script: Path, argv: list[str], timeout: float | None = None) -> dict:
     """Run `python script argv...` in a fresh process and return the JSON object it prints."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(
-        [sys.executable, str(script), *argv], capture_output=True, text=True, env=env, timeout=timeout
+        [sys.executable, str(script), *argv], capture_output=True, text=True, env=env, timeout=timeout, check=False
     )
     if completed.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(argv)} failed:\n{completed.stderr[-4000:]}")

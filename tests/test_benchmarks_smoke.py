@@ -21,6 +21,7 @@ def run_benchmark(name: str, *argv: str) -> dict:
         [sys.executable, str(BENCHMARKS / name), *argv],
         capture_output=True,
         text=True,
+        check=False,
         env=env,
         cwd=BENCHMARKS.parent,
         timeout=600,
@@ -43,8 +44,20 @@ def check_hardware(result: dict) -> None:
 def test_train_step_throughput(tmp_path):
     output = tmp_path / "train_step.json"
     result = run_benchmark(
-        "bench_train_step.py", "--size", "tiny", "--dtype", "fp32", "--batch_size", "4", "--steps", "2",
-        "--warmup", "1", "--no_memory", "--output", str(output),
+        "bench_train_step.py",
+        "--size",
+        "tiny",
+        "--dtype",
+        "fp32",
+        "--batch_size",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--no_memory",
+        "--output",
+        str(output),
     )
     assert json.loads(output.read_text()) == result
     check_hardware(result)
@@ -55,9 +68,15 @@ def test_train_step_throughput(tmp_path):
         assert run["step"][candidate]["samples"] == 2
         assert positive(run["heads_fwd_bwd"][candidate]["median_s"])
         assert positive(run["head_share_of_step"][candidate])
-    for key in ("ndlinear_vs_linear_throughput", "without_copies_vs_ndlinear_throughput",
-                "without_copies_vs_ndlinear_head_speed", "model_flops_per_sample", "achieved_flops_per_s",
-                "matmul_flops_per_s", "fraction_of_matmul_peak"):
+    for key in (
+        "ndlinear_vs_linear_throughput",
+        "without_copies_vs_ndlinear_throughput",
+        "without_copies_vs_ndlinear_head_speed",
+        "model_flops_per_sample",
+        "achieved_flops_per_s",
+        "matmul_flops_per_s",
+        "fraction_of_matmul_peak",
+    ):
         assert positive(run[key]), key
     assert 0 <= run["without_copies_max_rel_diff"] < 1e-4
     assert "tiny/fp32" in result["targets"]["ndlinear_vs_linear_throughput >= 0.98"]
@@ -74,15 +93,28 @@ def test_train_step_memory():
         assert positive(memory[config]["peak_bytes"])
         assert memory[config]["step_extra_bytes"] >= 0
         assert positive(memory[config]["parameter_bytes"])
-    assert positive(memory["checkpointing_peak_ratio"])
+        assert positive(memory[config]["tensor_peak_bytes"])
+        assert memory[config]["tensor_peak_by_category_mib"]["parameter"] > 0
+    assert positive(memory["checkpointing_peak_ratio"]) and positive(memory["checkpointing_tensor_peak_ratio"])
     target = result["targets"]["checkpointing_peak_ratio <= 0.6 at batch 32"]["tiny/fp32"]
     assert target["batch_size"] == 4 and target["met"].startswith("n/a")
 
 
 def test_heads():
     result = run_benchmark(
-        "bench_heads.py", "--size", "tiny", "--dtype", "fp32", "--batch_size", "8", "--steps", "2", "--warmup", "1",
-        "--repeats", "1",
+        "bench_heads.py",
+        "--size",
+        "tiny",
+        "--dtype",
+        "fp32",
+        "--batch_size",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
     )
     check_hardware(result)
     heads = result["heads"]["tiny"]
@@ -111,8 +143,9 @@ def test_eval():
     for size, methods in ((small, ("naive", "chunked")), (large, ("chunked",))):
         for method in methods:
             assert result["memory"][size][method]["extra_bytes"] >= 0
-        assert result["memory"][size]["naive_similarity_matrix_bytes"] == int(size.split("x")[0]) * int(
-            size.split("x")[1]
-        ) * 4
+        assert (
+            result["memory"][size]["naive_similarity_matrix_bytes"]
+            == int(size.split("x")[0]) * int(size.split("x")[1]) * 4
+        )
         assert positive(result["memory"][size]["chunked_bound_bytes"])
     assert result["bounded_memory"]["pairs_growth"] == 4

@@ -47,11 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(args: list[str], num_processes: int = 1) -> tuple[list[str], dict]:
+def launch_command(args: list[str], num_processes: int = 1, mixed_precision: str = "no") -> tuple[list[str], dict]:
     """`accelerate launch` on the CPU: one process, or several talking through gloo (accelerate's multi-CPU mode,
     selected by ACCELERATE_USE_CPU with the multi-process launcher)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", mixed_precision,
                 "--dynamo_backend", "no", "--num_processes", str(num_processes)]  # fmt: skip
     if num_processes > 1:
         launcher += ["--multi_gpu", "--main_process_port", str(free_port())]
@@ -61,8 +61,8 @@ def launch_command(args: list[str], num_processes: int = 1) -> tuple[list[str], 
     return launcher + [RUN_CLIP, *args], env
 
 
-def launch(args: list[str], num_processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    cmd, env = launch_command(args, num_processes)
+def launch(args: list[str], num_processes: int = 1, check: bool = True, **launch_options) -> subprocess.CompletedProcess:
+    cmd, env = launch_command(args, num_processes, **launch_options)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
@@ -178,6 +178,17 @@ def test_training_from_pretrained_towers_with_zero_shot_dataset(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["projection_dim"] == 16 and config["text_pooling"] == "cls"
     assert any((out / "runs").rglob("events.out.tfevents*")), "tensorboard logs from --with_tracking"
+
+
+def test_bf16_mixed_precision_and_gradient_checkpointing(tmp_path, tiny_model):
+    data_args = write_format("kaggle", tmp_path / "data")
+    out = tmp_path / "out"
+    launch(["--model_name_or_path", str(tiny_model), *data_args, "--output_dir", str(out), "--max_train_steps", "2",
+            "--gradient_checkpointing", *SMALL_RUN], mixed_precision="bf16")  # fmt: skip
+    assert_hub_ready_output(out)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history(out) if "loss" in r)
+    weights = load_file(out / "model.safetensors")
+    assert weights["logit_scale"].dtype == torch.float32, "autocast computes in bf16, the weights stay fp32"
 
 
 # ----- the global batch: 2 processes x b == 1 process x 2b ---------------------------------------------------------
