@@ -48,34 +48,25 @@ BACKGROUND_COLOURS = {
     "brown": (110, 70, 35),
 }
 # Shape radius as a fraction of the image side, and the words captions use for it.
-SIZES = {"small": 0.15, "large": 0.25}
+SIZES = {"small": 0.22, "large": 0.38}
 SIZE_WORDS = {"small": ("small", "tiny"), "large": ("large", "big")}
-# Shape centre as a fraction of the image side (x, y).
-POSITIONS = {
-    "top left": (0.25, 0.25),
-    "top right": (0.75, 0.25),
-    "bottom left": (0.25, 0.75),
-    "bottom right": (0.75, 0.75),
-    "middle": (0.5, 0.5),
-}
-# Four specific templates (three to five attributes) and four short ones (the shape and one attribute). Short
+# Four specific templates (three or four attributes) and three short ones (the shape and one attribute). Short
 # captions match many images, so telling them apart needs the shape, which is what zero-shot classification asks
-# of the model; sampling 5 of the 8 leaves every image at least one specific caption for retrieval.
+# of the model; sampling 5 of the 7 leaves every image at least two specific captions for retrieval.
 CAPTION_TEMPLATES = [
-    "a {size} {colour} {shape} in the {position} on a {background} background",
+    "a {size} {colour} {shape} on a {background} background",
     "a {colour} {shape} on a {background} background",
-    "a {size} {colour} {shape} in the {position}",
-    "the {colour} {shape} sits in the {position} of a {background} picture",
+    "a {background} picture with a {size} {colour} {shape} in the middle",
+    "the {colour} {shape} is {size} and the background is {background}",
     "a photo of a {colour} {shape}",
     "a {shape} on {background}",
     "a {size} {shape}",
-    "a {shape} in the {position}",
 ]
 
 DEMO_IMAGE_SIZE = 32
 SUPERSAMPLING = 4  # shapes are drawn this many times larger and shrunk, for anti-aliased edges
 COLOUR_JITTER = 20  # per-channel noise on shape and background colours, so no two images are identical
-POSITION_JITTER = 0.03  # shape centre noise, as a fraction of the image side
+POSITION_JITTER = 0.05  # shape centre noise, as a fraction of the image side
 
 # Tower sizes: small enough for a few thousand training steps in two minutes on two CPU cores.
 DEMO_TOWER_SIZES = {
@@ -142,7 +133,6 @@ def _demo_example(rng: np.random.Generator, image_id: int, image_size: int, capt
         "colour": _choice(rng, SHAPE_COLOURS),
         "background": _choice(rng, BACKGROUND_COLOURS),
         "size": _choice(rng, SIZES),
-        "position": _choice(rng, POSITIONS),
     }
     return {
         "image": {"bytes": _png_bytes(draw_shape_image(attributes, image_size, rng)), "path": None},
@@ -164,8 +154,7 @@ def draw_shape_image(attributes: dict, image_size: int, rng: np.random.Generator
     """
     canvas = image_size * SUPERSAMPLING
     image = PILImage.new("RGB", (canvas, canvas), _jittered(BACKGROUND_COLOURS[attributes["background"]], rng))
-    x, y = POSITIONS[attributes["position"]]
-    x, y = (np.array([x, y]) + rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)) * canvas
+    x, y = (0.5 + rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=2)) * canvas
     radius = SIZES[attributes["size"]] * canvas
     fill = _jittered(SHAPE_COLOURS[attributes["colour"]], rng)
     _draw_shape(ImageDraw.Draw(image), attributes["shape"], x, y, radius, fill)

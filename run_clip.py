@@ -716,7 +716,7 @@ def write_card(args, model, eval_results) -> None:
         if k in {
             "learning_rate", "weight_decay", "num_train_epochs", "max_train_steps", "per_device_train_batch_size",
             "gradient_accumulation_steps", "lr_scheduler_type", "num_warmup_steps", "seed", "max_seq_length",
-            "freeze_vision_model", "freeze_text_model", "projection_dim", "projection_type", "preset",
+            "freeze_vision_model", "freeze_text_model", "preset",
         }
     }
     training_args["lr_scheduler_type"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
@@ -735,6 +735,10 @@ def write_card(args, model, eval_results) -> None:
     )
 
 
+# What stays local when the output folder is pushed: resumable training state and tracker logs.
+HUB_IGNORE_PATTERNS = ["checkpoints/*", "runs/*"]
+
+
 def push_folder(args, message: str) -> None:
     """Upload the Hub-ready output folder (not the training checkpoints or tracker logs)."""
     from huggingface_hub import HfApi
@@ -745,7 +749,7 @@ def push_folder(args, message: str) -> None:
         repo_id=args.hub_model_id,
         folder_path=args.output_dir,
         commit_message=message,
-        ignore_patterns=["checkpoints/**", "runs/**"],
+        ignore_patterns=HUB_IGNORE_PATTERNS,
     )
 
 

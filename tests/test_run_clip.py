@@ -171,13 +171,45 @@ def test_training_from_pretrained_towers_with_zero_shot_dataset(tmp_path):
     launch(["--vision_model_name_or_path", str(vision), "--text_model_name_or_path", str(text),
             "--projection_dim", "16", "--text_pooling", "cls", *data_args, "--output_dir", str(out),
             "--max_train_steps", "2", "--zero_shot_dataset", str(tmp_path / "zero_shot"),
-            "--zero_shot_template", "a photo of {}.", "--with_tracking", *SMALL_RUN])  # fmt: skip
+            "--zero_shot_template", "a photo of {}.", "--with_tracking", "--checkpointing_steps", "1",
+            *SMALL_RUN])  # fmt: skip
 
     results = assert_hub_ready_output(out)
     assert 0.0 <= results["zero_shot_accuracy"] <= 1.0 and results["zero_shot_chance"] == 0.5
     config = json.loads((out / "config.json").read_text())
     assert config["projection_dim"] == 16 and config["text_pooling"] == "cls"
     assert any((out / "runs").rglob("events.out.tfevents*")), "tensorboard logs from --with_tracking"
+    assert_push_selection_is_self_contained(out, tmp_path / "as_pushed")
+
+
+def assert_push_selection_is_self_contained(out: Path, pushed: Path) -> None:
+    """What `--push_to_hub` uploads (the folder minus `HUB_IGNORE_PATTERNS`, selected by huggingface_hub's own
+    filter) is a complete model repository: copied alone, it loads through the zero-shot pipeline."""
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+    from transformers import pipeline
+
+    from run_clip import HUB_IGNORE_PATTERNS
+
+    files = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
+    selected = sorted(filter_repo_objects(files, ignore_patterns=HUB_IGNORE_PATTERNS))
+    assert not any(f.startswith(("checkpoints/", "runs/")) for f in selected)
+    assert {"README.md", "config.json", "model.safetensors", "modeling_ndclip.py", "configuration_ndclip.py",
+            "processing_ndclip.py", "processor_config.json", "tokenizer.json", "eval_results.json"} <= set(selected)  # fmt: skip
+    for name in selected:
+        (pushed / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / name, pushed / name)
+    classify = pipeline("zero-shot-image-classification", model=str(pushed), trust_remote_code=True)
+    scores = classify(Image.new("RGB", (40, 30), "red"), candidate_labels=["dog", "cat"])
+    assert abs(sum(s["score"] for s in scores) - 1) < 1e-5
+
+
+def test_push_to_hub_needs_a_repository_id():
+    from run_clip import parse_args
+
+    with pytest.raises(SystemExit, match="--hub_model_id"):
+        parse_args(["--output_dir", "out", "--push_to_hub"])
 
 
 def test_bf16_mixed_precision_and_gradient_checkpointing(tmp_path, tiny_model):
