@@ -684,8 +684,9 @@ class CaptionCollator:
         if not self.train:
             return self.image_transform(example["image"])
         # The transform draws from torch's global generator: seed it for this sample only, then restore it.
+        # (`default_generator.manual_seed`, not `torch.manual_seed`: the latter also seeds CUDA, 100x slower.)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._sample_random(example["image_id"]).getrandbits(63))
+            torch.default_generator.manual_seed(self._sample_random(example["image_id"]).getrandbits(63))
             return self.image_transform(example["image"])
 
     def __call__(self, examples: list[dict]) -> dict:

@@ -36,13 +36,13 @@ def add_common_args(parser) -> None:
     parser.add_argument("--output", default=None, help="also write the JSON result to this file")
 
 
-def comma_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+def comma_list(choices: tuple[str, ...], allow_empty: bool = False) -> Callable[[str], list[str]]:
     """An argparse type for `a,b` lists whose items must be among `choices`."""
 
     def parse(text: str) -> list[str]:
         items = [item.strip() for item in text.split(",") if item.strip()]
         unknown = [item for item in items if item not in choices]
-        if not items or unknown:
+        if (not items and not allow_empty) or unknown:
             raise ValueError(f"expected a comma-separated list of {', '.join(choices)}, got {text!r}")
         return items
 

@@ -1,0 +1,316 @@
+"""Data pipeline: images/s through loading + transforms + collation with 0, 1 and 2 DataLoader workers, against the
+model's training-step rate at the same batch, so that data never starves the model.
+
+The data are Flickr8k-like: `--images` JPEG photos (default 200; 500x375, every fourth one 375x500 as Flickr8k's
+portrait photos, quality 90, smooth random content with a little noise: about 75 KB each) in a Kaggle-layout folder
+(`Images/` + `captions.txt` with header `image,caption`, five captions per image, from `tests/flickr8k_layouts.py`).
+They are read through the real path: `image_caption_data.load_image_caption_dataset(data_dir=...)`, then
+`run_clip.make_loader` (the training DataLoader: shuffled, full batches) over the train split with
+`CaptionCollator(tokenizer, 64, seed=0, image_transform=train_image_transform(image_processor))`, the tokenizer a
+WordPiece one trained on the captions (`tiny_towers.train_wordpiece_tokenizer`, 2000 words).
+
+Sizes: `real` is ViT-B/16 at 224 + DistilBERT-base (`NdClipConfig()` defaults, random weights) fed by
+`ViTImageProcessor()` (224); `tiny` is `tiny_towers.tiny_config` (ViT image 30) fed by `ViTImageProcessor` at 30.
+The photos are the same for both: decoding a 500x375 JPEG costs the same whatever the model.
+
+How it measures, all candidates interleaved in the same rounds (after `--warmup` untimed rounds):
+- Data: one call is one epoch over the train split, as `run_clip.py` runs it: a fresh iterator (so with workers, the
+  worker processes start anew, as without `persistent_workers`), `collate.set_epoch(epoch)`, every batch pulled and
+  dropped. `epoch_images_per_s` counts the whole epoch, worker start included; `steady_images_per_s` the batches
+  after the first one (the rate of a long epoch: Flickr8k has 750 batches of 8 per epoch, not 22).
+- Model: one training step of `run_clip.py` without accelerate and without the data: forward, the symmetric
+  contrastive loss, backward, gradient clipping at 1.0, AdamW (run_clip's parameter groups) step, zero_grad; fp32,
+  train mode (dropout), on a batch of the same shape as the pipeline's (random pixel values, the tokens of a real
+  collated batch). `samples_per_s` = batch / median step time.
+- `data_over_model[size][workers]` = steady data images/s / model samples/s: >= 1 means the pipeline can keep up
+  with the model (when it runs in parallel with it), < 1 that it starves it. With 0 workers the data are loaded in
+  the training process between steps, so the step rate becomes 1 / (1/model + 1/data):
+  `serial_fraction_workers0` = that / the model's rate, the fraction of the model's speed a `run_clip.py` run keeps
+  (compare with `bench_end_to_end.py`, which measures it).
+- `workers0_torch_threads1` (diagnostic, when torch uses more than one thread): 0 workers with this process's torch
+  intra-op threads set to 1 during the epoch. Worker processes always run with 1 thread (the DataLoader sets it);
+  the training process runs the per-image transforms (`ToImage`, crop, `ToDtype`, `Normalize` on ~150k-element
+  tensors) with all of torch's threads, and every such small op then pays a fork/join, which is slow when another
+  process holds the other core (the CPU is shared).
+
+Caveat: each candidate runs alone. In training, worker processes share the CPU cores with the model's threads, so on
+a 2-core CPU a worker's images are not free: `bench_end_to_end.py` measures the combination.
+
+    python benchmarks/bench_data_pipeline.py
+    python benchmarks/bench_data_pipeline.py --size real --batch_size 32 --images 400 --workers 0,2,4
+"""
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent), str(BENCHMARKS.parent / "tests")]
+
+from common import (  # noqa: E402
+    add_common_args,
+    comma_list,
+    emit,
+    finish,
+    hardware_info,
+    setup_torch,
+    summarize,
+    time_interleaved,
+)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flickr8k_layouts import captions_of  # noqa: E402  (tests/: the captions the data tests use)
+from PIL import Image as PILImage  # noqa: E402
+from transformers import ViTImageProcessor  # noqa: E402
+
+from configuration_ndclip import NdClipConfig  # noqa: E402
+from image_caption_data import CaptionCollator, load_image_caption_dataset, train_image_transform  # noqa: E402
+from modeling_ndclip import NdClipModel  # noqa: E402
+from run_clip import make_loader, optimizer_param_groups  # noqa: E402
+from tiny_towers import tiny_config, train_wordpiece_tokenizer  # noqa: E402
+
+SIZES = ("tiny", "real")
+IMAGE_SIZE = {"tiny": 30, "real": 224}
+PHOTO_SIZE = (500, 375)  # width, height: Flickr8k's most common size
+PORTRAIT_EVERY = 4  # every fourth photo is 375x500
+JPEG_QUALITY = 90
+VOCAB_SIZE = 2000
+MAX_SEQ_LENGTH = 64
+LEARNING_RATE = 5e-5  # run_clip.py's defaults
+WEIGHT_DECAY = 0.1
+MAX_GRAD_NORM = 1.0
+TINY_STEP_REPEATS = 5  # tiny steps per timed sample: one is short for a shared machine's clock
+SINGLE_THREAD = "workers0_torch_threads1"  # 0 workers, this process's torch intra-op threads at 1 during the epoch
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=comma_list(SIZES), default=list(SIZES), help="tiny, real or tiny,real")
+    parser.add_argument("--batch_size", type=int, default=8, help="the DataLoader's and the model step's batch")
+    parser.add_argument("--images", type=int, default=200, help="photos generated (10%% are held out for validation)")
+    parser.add_argument("--workers", default="0,1,2", help="DataLoader num_workers to compare, e.g. 0,1,2")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (one epoch / one step per candidate)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--data_dir", help="use this Kaggle-layout folder instead of generating one")
+    parser.add_argument("--no_single_thread", action="store_true",
+                        help=f"skip the `{SINGLE_THREAD}` candidate (0 workers, torch at 1 thread during the epoch)")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    return args
+
+
+# ----- Flickr8k-like data ---------------------------------------------------------------------------------------
+
+
+def smooth_photo(seed: int, width: int, height: int) -> PILImage.Image:
+    """A photo-like RGB image: random colours on a coarse grid, smoothly (bicubically) enlarged, plus a little noise,
+    so that its JPEG has a photo's size and decoding cost (random noise alone would be unrealistically large)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(height // 25 + 2, width // 25 + 2, 3), dtype=np.uint8)
+    smooth = np.asarray(PILImage.fromarray(coarse).resize((width, height), PILImage.Resampling.BICUBIC), np.float32)
+    noisy = smooth + rng.normal(0.0, 12.0, size=smooth.shape)
+    return PILImage.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def write_flickr8k_like(folder, count: int, size=PHOTO_SIZE, portrait_every: int | None = PORTRAIT_EVERY,
+                        seed: int = 0) -> dict:
+    """`count` JPEG photos in a Kaggle-layout Flickr8k folder (`Images/` + `captions.txt`, 5 captions each).
+    `size` is (width, height); with `portrait_every`, every such photo is rotated to portrait. Returns a summary."""
+    folder = Path(folder)
+    (folder / "Images").mkdir(parents=True, exist_ok=True)
+    lines, sizes = ["image,caption"], []
+    for number in range(count):
+        name = f"{1000 + number}_photo.jpg"
+        width, height = size
+        if portrait_every and number % portrait_every == portrait_every - 1:
+            width, height = height, width
+        buffer = io.BytesIO()
+        smooth_photo(seed * 100_003 + number, width, height).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        (folder / "Images" / name).write_bytes(buffer.getvalue())
+        sizes.append(len(buffer.getvalue()))
+        lines += [f'{name},"{caption}"' if "," in caption else f"{name},{caption}" for caption in captions_of(number)]
+    (folder / "captions.txt").write_text("\n".join(lines) + "\n")
+    return {"images": count, "photo_size": list(size), "portrait_every": portrait_every,
+            "jpeg_quality": JPEG_QUALITY, "mean_file_bytes": round(statistics.mean(sizes))}
+
+
+def read_captions(data_dir) -> list[str]:
+    """Every caption of a Kaggle-layout folder (to train the tokenizer on)."""
+    import csv
+
+    with open(Path(data_dir) / "captions.txt", newline="", encoding="utf-8") as file:
+        return [row[1] for row in list(csv.reader(file))[1:] if row]
+
+
+def image_processor_for(size: str) -> ViTImageProcessor:
+    side = IMAGE_SIZE[size]
+    return ViTImageProcessor() if size == "real" else ViTImageProcessor(size={"height": side, "width": side})
+
+
+def build_config(size: str, vocab_size: int) -> NdClipConfig:
+    """Real: NdCLIP's defaults (ViT-B/16 at 224 + DistilBERT-base; DistilBERT's own vocabulary, of which the small
+    tokenizer uses the first ids). Tiny: `tiny_towers.tiny_config` with the tokenizer's vocabulary."""
+    return NdClipConfig() if size == "real" else tiny_config(vocab_size=vocab_size)
+
+
+# ----- the bare model step --------------------------------------------------------------------------------------
+
+
+def bare_inputs(batch: dict, seed: int) -> dict:
+    """Model inputs of a collated batch's shape: random pixel values, the batch's own tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "pixel_values": torch.randn(batch["pixel_values"].shape, generator=generator),
+        "input_ids": batch["input_ids"].clone(),
+        "attention_mask": batch["attention_mask"].clone(),
+    }
+
+
+def make_bare_step(model: NdClipModel, inputs: dict):
+    """One `run_clip.py` optimizer step without accelerate and without the data: forward, the contrastive loss,
+    backward, gradient clipping, AdamW with run_clip's parameter groups and learning rate, zero_grad."""
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, WEIGHT_DECAY), lr=LEARNING_RATE)
+    model.train()
+
+    def step():
+        loss = model(**inputs, return_loss=True).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+# ----- one epoch of data ----------------------------------------------------------------------------------------
+
+
+class DataEpoch:
+    """A callable that pulls one epoch of batches from a training DataLoader, as `run_clip.py` does, and keeps the
+    time to the first batch and the time of the rest (for the steady rate)."""
+
+    def __init__(self, split, tokenizer, image_processor, batch_size: int, workers: int, seed: int,
+                 threads: int | None = None):
+        self.collator = CaptionCollator(
+            tokenizer, MAX_SEQ_LENGTH, seed=seed, image_transform=train_image_transform(image_processor)
+        )
+        self.loader = make_loader(
+            split, batch_size, self.collator, SimpleNamespace(dataloader_num_workers=workers, seed=seed), train=True
+        )
+        self.batch_size = batch_size
+        self.threads = threads  # torch intra-op threads of this process during the epoch (None: unchanged)
+        self.epoch = 0
+        self.first_batch_s, self.rest_s, self.batches = [], [], len(self.loader)
+
+    def __call__(self) -> None:
+        self.collator.set_epoch(self.epoch)
+        self.epoch += 1
+        threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            start = time.perf_counter()
+            batches = iter(self.loader)
+            next(batches)
+            first = time.perf_counter()
+            for _ in batches:
+                pass
+            self.first_batch_s.append(first - start)
+            self.rest_s.append(time.perf_counter() - first)
+        finally:
+            torch.set_num_threads(threads)
+
+    def steady_images_per_s(self, rounds: int) -> float:
+        """Images per second after the first batch, over the last `rounds` (timed) epochs."""
+        return (self.batches - 1) * self.batch_size / statistics.median(self.rest_s[-rounds:])
+
+
+# ----- the benchmark --------------------------------------------------------------------------------------------
+
+
+def prepare_data(args, workdir: Path):
+    """The data folder (generated unless `--data_dir`), its train split and the tokenizer trained on its captions."""
+    data_info = {"data_dir": args.data_dir} if args.data_dir else None
+    data_dir = Path(args.data_dir) if args.data_dir else workdir / "flickr8k_like"
+    if data_info is None:
+        data_info = write_flickr8k_like(data_dir, args.images, seed=args.seed)
+    started = time.perf_counter()
+    dataset = load_image_caption_dataset(data_dir=str(data_dir), seed=args.seed, cache_dir=str(workdir / "hf_cache"))
+    data_info["load_image_caption_dataset_s"] = time.perf_counter() - started
+    data_info["train_images"] = len(dataset["train"])
+    tokenizer = train_wordpiece_tokenizer(read_captions(data_dir), vocab_size=VOCAB_SIZE)
+    return data_dir, dataset["train"], tokenizer, data_info
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_torch(args)
+    if args.device != "cpu":
+        raise SystemExit("the data pipeline runs on the CPU; the model rate is measured with --device cpu only")
+    result = {"benchmark": "data_pipeline", "hardware": hardware_info(args.device)}
+    with tempfile.TemporaryDirectory(prefix="bench_data_pipeline_") as tmp:
+        _, train_split, tokenizer, result["data"] = prepare_data(args, Path(tmp))
+        if len(train_split) < 2 * args.batch_size:
+            raise SystemExit(f"{len(train_split)} training images give fewer than 2 batches of {args.batch_size}")
+        candidates, data_epochs, repeats = {}, {}, {}
+        for size in args.size:
+            processor = image_processor_for(size)
+            for workers in args.workers:
+                epoch = DataEpoch(train_split, tokenizer, processor, args.batch_size, workers, args.seed)
+                data_epochs[(size, f"workers{workers}")] = epoch
+            if 0 in args.workers and torch.get_num_threads() > 1 and not args.no_single_thread:
+                epoch = DataEpoch(train_split, tokenizer, processor, args.batch_size, 0, args.seed, threads=1)
+                data_epochs[(size, SINGLE_THREAD)] = epoch
+            candidates.update({f"data/{size}/{key}": epoch for (s, key), epoch in data_epochs.items() if s == size})
+            first_batch = next(iter(DataEpoch(train_split, tokenizer, processor, args.batch_size, 0, args.seed).loader))
+            torch.manual_seed(args.seed)
+            model = NdClipModel(build_config(size, len(tokenizer)))
+            candidates[f"model/{size}"] = make_bare_step(model, bare_inputs(first_batch, args.seed))
+            if size == "tiny":
+                repeats["model/tiny"] = TINY_STEP_REPEATS
+        times = time_interleaved(candidates, rounds=args.rounds, warmup=args.warmup, device="cpu", repeats=repeats)
+
+    result["settings"] = {"batch_size": args.batch_size, "rounds": args.rounds, "warmup": args.warmup,
+                          "workers": args.workers, "image_size": {s: IMAGE_SIZE[s] for s in args.size},
+                          "max_seq_length": MAX_SEQ_LENGTH, "batches_per_epoch": len(train_split) // args.batch_size}
+    result["model"], result["data_pipeline"], result["data_over_model"] = {}, {}, {}
+    result["serial_fraction_workers0"] = {}
+    for size in args.size:
+        model_s = statistics.median(times[f"model/{size}"])
+        model_rate = args.batch_size / model_s
+        result["model"][size] = {**summarize(times[f"model/{size}"]), "samples_per_s": model_rate, "dtype": "fp32"}
+        result["data_pipeline"][size], result["data_over_model"][size] = {}, {}
+        for (data_size, key), epoch in data_epochs.items():
+            if data_size != size:
+                continue
+            name = f"data/{size}/{key}"
+            steady = epoch.steady_images_per_s(args.rounds)
+            epoch_rate = epoch.batches * args.batch_size / statistics.median(times[name])
+            result["data_pipeline"][size][key] = {
+                "epoch": summarize(times[name]),
+                "epoch_images_per_s": epoch_rate,
+                "steady_images_per_s": steady,
+                "first_batch_median_s": statistics.median(epoch.first_batch_s[-args.rounds:]),
+            }
+            result["data_over_model"][size][key] = {
+                "steady": steady / model_rate,
+                "epoch": epoch_rate / model_rate,
+                "starves_model": steady < model_rate,
+            }
+        for key in ("workers0", SINGLE_THREAD):
+            if key in result["data_pipeline"][size]:
+                data_rate = result["data_pipeline"][size][key]["steady_images_per_s"]
+                result["serial_fraction_workers0"].setdefault(size, {})[key] = 1 / (1 + model_rate / data_rate)
+    emit(finish(result), args.output)
+
+
+if __name__ == "__main__":
+    main()
