@@ -51,9 +51,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 BENCHMARKS = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent), str(BENCHMARKS.parent / "tests")]
+sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent), str(BENCHMARKS.parent / "tests")]  # + tests/ helpers
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers or datasets is imported
 
-from common import (  # noqa: E402
+import numpy as np
+import torch
+from common import (
     add_common_args,
     comma_list,
     emit,
@@ -63,18 +66,19 @@ from common import (  # noqa: E402
     summarize,
     time_interleaved,
 )
+from flickr8k_layouts import captions_of
+from PIL import Image as PILImage
+from transformers import ViTImageProcessor
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flickr8k_layouts import captions_of  # noqa: E402  (tests/: the captions the data tests use)
-from PIL import Image as PILImage  # noqa: E402
-from transformers import ViTImageProcessor  # noqa: E402
-
-from configuration_ndclip import NdClipConfig  # noqa: E402
-from image_caption_data import CaptionCollator, load_image_caption_dataset, train_image_transform  # noqa: E402
-from modeling_ndclip import NdClipModel  # noqa: E402
-from run_clip import make_loader, optimizer_param_groups  # noqa: E402
-from tiny_towers import tiny_config, train_wordpiece_tokenizer  # noqa: E402
+from configuration_ndclip import NdClipConfig
+from image_caption_data import (
+    CaptionCollator,
+    load_image_caption_dataset,
+    train_image_transform,
+)
+from modeling_ndclip import NdClipModel
+from run_clip import make_loader, optimizer_param_groups
+from tiny_towers import tiny_config, train_wordpiece_tokenizer
 
 SIZES = ("tiny", "real")
 IMAGE_SIZE = {"tiny": 30, "real": 224}

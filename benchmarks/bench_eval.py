@@ -143,22 +143,10 @@ def memory_child(args) -> dict:
 
 
 def measure_memory(args, num_images: int, method: str) -> dict:
-    argv = [
-        "--memory_child",
-        method,
-        "--images",
-        str(num_images),
-        "--captions_per_image",
-        str(args.captions_per_image),
-        "--dim",
-        str(args.dim),
-        "--chunk_size",
-        str(args.chunk_size),
-        "--device",
-        args.device,
-        "--seed",
-        str(args.seed),
-    ]
+    argv = (
+        f"--memory_child {method} --images {num_images} --captions_per_image {args.captions_per_image} "
+        f"--dim {args.dim} --chunk_size {args.chunk_size} --device {args.device} --seed {args.seed}"
+    ).split()
     if args.threads:
         argv += ["--threads", str(args.threads)]
     return run_child(Path(__file__), argv)

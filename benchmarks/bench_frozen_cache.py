@@ -32,19 +32,21 @@ the tiny and the real size, and the vision tower alone frozen at the tiny size.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]
+sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]  # common.py, and the model files at the repository root
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers or datasets is imported
 
-from common import add_common_args, emit, finish, hardware_info, setup_torch  # noqa: E402
+from bench_data_pipeline import SIZES, VOCAB_SIZE, read_captions, write_flickr8k_like
+from bench_end_to_end import child_env, run_clip_timed, save_model_folder, step_epochs
+from common import add_common_args, emit, finish, hardware_info, setup_torch
 
-from bench_data_pipeline import SIZES, VOCAB_SIZE, read_captions, write_flickr8k_like  # noqa: E402
-from bench_end_to_end import child_env, run_clip_timed, save_model_folder, step_epochs  # noqa: E402
-from tiny_towers import train_wordpiece_tokenizer  # noqa: E402
+from tiny_towers import train_wordpiece_tokenizer
 
 TARGET = 20.0
 FROZEN_FLAGS = {"both": ["--freeze_vision_model", "--freeze_text_model"], "vision": ["--freeze_vision_model"]}

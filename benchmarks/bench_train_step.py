@@ -14,6 +14,8 @@ How it measures:
   ratio compares numbers of the same run. `model_flops_per_sample` is the usual estimate (6 x matmul parameters x
   tokens + 12 x layers x tokens^2 x width per tower, + 6 x the heads' multiply-adds; no recompute), and
   `fraction_of_matmul_peak` divides the achieved FLOP/s by that of a square matmul measured in the same run.
+  The throughput target is judged only where the step times' interquartile range is below its 2% margin
+  (`step_time_spread`); on a busy machine it is reported as unresolved rather than met or missed by noise.
 - Head share. The two projection heads alone (forward + the backward a training step needs: gradients of their
   inputs and weights, via `torch.autograd.grad`) on random pooled vectors of the step's batch size, timed in the
   same interleaved rounds as the steps; share = head time / step time. The alternative head
@@ -34,7 +36,10 @@ How it measures:
   step then runs under torch.profiler, whose memory timeline gives the peak of live tensors and its breakdown by
   category (`tensor_peak_bytes`, `tensor_peak_by_category_mib`): the CPU analogue of `max_memory_allocated`.
   The checkpointing ratios divide the checkpointed run's numbers by the plain run's; the target is checked on both
-  the process peak and the tensor peak.
+  the process peak and the tensor peak. With glibc's default malloc, the checkpointed run's RSS stays well above its
+  live tensors (recomputation frees and reallocates many blocks below the mmap threshold, which the heap keeps);
+  `MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0` in the environment (inherited by the subprocesses) makes
+  RSS follow the tensors.
 
 Defaults finish in about 5 minutes on 2 CPU cores: tiny at batch 32 (fp32 and bf16), real at batch 8 (fp32 only on
 a CPU without native bf16, where a real-size bf16 step takes minutes). `--size real --batch_size 32` reproduces the
@@ -241,9 +246,18 @@ def measure_throughput(args, size: str, dtype: str) -> dict:
     }
 
 
+def interquartile_range(seconds: list[float]) -> float:
+    if len(seconds) < 2:
+        return 0.0
+    first, _, third = statistics.quantiles(seconds, n=4, method="inclusive")
+    return third - first
+
+
 def summarize_throughput(times: dict[str, list[float]], batch_size: int, max_rel_diff: float) -> dict:
     """Medians, and the ratios between candidates. Ratios `_by_min` compare the fastest samples instead: on a
-    shared machine, other work only ever adds time, so the minimum is the least disturbed sample."""
+    shared machine, other work only ever adds time, so the minimum is the least disturbed sample.
+    `step_time_spread` is the interquartile range of the step times over their median (the larger of NdCLIP's and
+    the linear head's): the throughput target is only judged where it is below the target's 2% margin."""
     median = {name: statistics.median(seconds) for name, seconds in times.items()}
     fastest = {name: min(seconds) for name, seconds in times.items()}
 
@@ -259,6 +273,7 @@ def summarize_throughput(times: dict[str, list[float]], batch_size: int, max_rel
     }
     heads = {name.split("/")[1]: summarize(seconds) for name, seconds in times.items() if name.startswith("heads/")}
     throughput = speedup("step/linear", "step/ndlinear")
+    spread = max(interquartile_range(times[name]) / median[name] for name in ("step/ndlinear", "step/linear"))
     without_copies_step = speedup("step/ndlinear", "step/ndlinear_without_copies")
     without_copies_head = speedup("heads/ndlinear", "heads/ndlinear_without_copies")
     return {
@@ -266,6 +281,7 @@ def summarize_throughput(times: dict[str, list[float]], batch_size: int, max_rel
         "step": steps,
         "ndlinear_vs_linear_throughput": throughput["median"],
         "ndlinear_vs_linear_throughput_by_min": throughput["by_min"],
+        "step_time_spread": spread,
         "heads_fwd_bwd": heads,
         "head_share_of_step": {
             "ndlinear": median["heads/ndlinear"] / median["step/ndlinear"],
@@ -352,7 +368,17 @@ def check_targets(throughput: dict, memory: dict) -> dict:
     speed, mem = targets.values()
     for key, result in throughput.items():
         value, by_min = result["ndlinear_vs_linear_throughput"], result["ndlinear_vs_linear_throughput_by_min"]
-        speed[key] = {"value": round(value, 4), "value_by_min": round(by_min, 4), "met": value >= THROUGHPUT_TARGET}
+        spread = result["step_time_spread"]
+        # A 2% difference cannot be told apart by steps whose times spread over more than 2% of their median.
+        met = (
+            value >= THROUGHPUT_TARGET if spread <= 1 - THROUGHPUT_TARGET else "unresolved: step times spread too much"
+        )
+        speed[key] = {
+            "value": round(value, 4),
+            "value_by_min": round(by_min, 4),
+            "spread": round(spread, 4),
+            "met": met,
+        }
     for key, result in memory.items():
         ratios = {
             "process_peak": result["checkpointing_peak_ratio"],

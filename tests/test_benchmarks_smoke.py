@@ -67,7 +67,9 @@ def test_train_step_throughput(tmp_path):
         assert positive(run[key]), key
     assert positive(run["matmul_flops_per_s"]["fp32"])
     assert 0 <= run["without_copies_max_rel_diff"] < 1e-4
-    assert result["targets"]["ndlinear_vs_linear_throughput >= 0.98"]["tiny/fp32"]["met"] in (True, False)
+    target = result["targets"]["ndlinear_vs_linear_throughput >= 0.98"]["tiny/fp32"]
+    assert target["met"] in (True, False) or target["met"].startswith("unresolved")
+    assert target["spread"] >= 0
     assert result["memory"] == {}
 
 

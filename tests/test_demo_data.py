@@ -32,8 +32,8 @@ def small_demo():
 
 
 @pytest.fixture(scope="module")
-def model_and_processor(small_demo):
-    return demo_model_and_processor(small_demo, seed=0)
+def model_and_processor(default_demo):
+    return demo_model_and_processor(default_demo, seed=0)
 
 
 def pixel_bytes(split) -> list[bytes]:
@@ -105,6 +105,7 @@ def test_shapes_are_drawn_differently():
 
 
 def test_model_and_processor_types_and_sizes(model_and_processor):
+    # The image size comes from the data (32 by default); the text tower's vocabulary is the trained tokenizer's.
     model, processor = model_and_processor
     assert isinstance(model, NdClipModel) and isinstance(processor, NdClipProcessor)
     assert model.config.vision_config.image_size == 32
@@ -113,12 +114,17 @@ def test_model_and_processor_types_and_sizes(model_and_processor):
 
 
 def test_tokenizer_knows_every_demo_word(model_and_processor, default_demo):
-    # The tokenizer was trained on `small_demo`'s 24 images; the vocabulary is closed, so the default data set's
-    # captions (both splits) and the zero-shot prompts must tokenize without [UNK].
+    # The tokenizer was trained on the training captions (and the prompts). The vocabulary is closed, so every
+    # word of both splits and of the zero-shot prompts must be one whole token: no [UNK], and not even split into
+    # word pieces (which a tokenizer trained on too little text would do for the words it missed).
     _, processor = model_and_processor
     tokenizer = processor.tokenizer
     texts = [caption for split in default_demo.values() for captions in split["captions"] for caption in captions]
     texts += [DEMO_ZERO_SHOT_TEMPLATE.format(name) for name in DEMO_CLASS_NAMES]
+    words = {word for text in texts for word in re.findall(r"\w+|[^\w\s]", text)}
+    assert {"circle", "photo", "orange", "background"} <= words
+    for word in words:
+        assert tokenizer.tokenize(word) == [word], word
     ids = tokenizer(texts)["input_ids"]
     assert all(tokenizer.unk_token_id not in row for row in ids)
     assert max(len(row) for row in ids) <= DEMO_TRAINING_DEFAULTS["max_seq_length"]
