@@ -53,7 +53,8 @@ BACKGROUND_COLOURS = {
     "brown": (110, 70, 35),
 }
 # Shape radius (half its extent) as a fraction of the image side, and the words captions use for it. Even the small
-# shapes are large (17 pixels across in 32): the circle and the square differ only in their corners.
+# shapes are large (15 pixels across in 32: the circle and the square differ only in their corners), and the large
+# ones (22 pixels) leave a margin that run_clip's training crop (80-100% of the area) rarely cuts into.
 SIZES = {"small": 0.24, "large": 0.34}
 SIZE_WORDS = {"small": ("small", "tiny"), "large": ("large", "big")}
 # Four specific templates (three or four attributes) and three short ones (the shape and one attribute). Short
@@ -72,7 +73,7 @@ CAPTION_TEMPLATES = [
 DEMO_IMAGE_SIZE = 32
 SUPERSAMPLING = 4  # shapes are drawn this many times larger and shrunk, for anti-aliased edges
 COLOUR_JITTER = 15  # per-channel noise on shape and background colours, so no two images are identical
-POSITION_JITTER = 0.02  # shape centre noise, as a fraction of the image side
+POSITION_JITTER = 0.02  # shape centre noise, as a fraction of the image side (training crops shift it more)
 
 # Tower sizes: small enough for the demo's 1,240 training steps in one to two minutes on two CPU cores.
 DEMO_TOWER_SIZES = {

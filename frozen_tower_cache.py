@@ -73,7 +73,7 @@ class CachedTowerCollator:
             rows = [self.offsets[e["image_id"]] + self._caption_index(e) for e in examples]
             batch = {"text_tower_features": self.caption_features[rows]}
         if self.image_features is None:
-            batch["pixel_values"] = torch.stack([collator.pixel_values(example) for example in examples])
+            batch["pixel_values"] = collator.pixel_batch(examples)
         else:
             batch["image_tower_features"] = self.image_features[ids]
         batch["image_ids"] = torch.tensor(ids)

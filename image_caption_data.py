@@ -20,6 +20,7 @@ import os
 import random
 import re
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
@@ -640,6 +641,22 @@ def _transform_batch(batch: dict, image_transform) -> dict:
     return transformed
 
 
+@contextmanager
+def one_torch_thread():
+    """Run the block on one torch intra-op thread, as DataLoader workers always do. The per-image transforms are small
+    ops that torch would otherwise split over every core, paying a fork/join each: on 2 cores that made the
+    main-process pipeline 4-10x slower (benchmarks/bench_data_pipeline.py, `workers0` vs `workers0_torch_threads1`)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class CaptionCollator:
     """collate_fn for the image-caption DataLoaders: one caption per image, tokenized, and the images as a batch.
 
@@ -678,6 +695,11 @@ class CaptionCollator:
     def tokenize(self, captions: list[str]) -> dict:
         return _tokenize(self.tokenizer, captions, self.max_seq_length)
 
+    def pixel_batch(self, examples: list[dict]) -> torch.Tensor:
+        """`pixel_values` [B, 3, H, W] of the examples."""
+        with one_torch_thread():
+            return torch.stack([self.pixel_values(example) for example in examples])
+
     def pixel_values(self, example: dict) -> torch.Tensor:
         if self.image_transform is None:
             return example["pixel_values"]
@@ -694,7 +716,7 @@ class CaptionCollator:
         if "captions" in examples[0]:  # an image-classification set (zero-shot evaluation) has none
             captions = [self.choose_caption(example["captions"], example["image_id"]) for example in examples]
             batch = self.tokenize(captions)
-        batch["pixel_values"] = torch.stack([self.pixel_values(example) for example in examples])
+        batch["pixel_values"] = self.pixel_batch(examples)
         if "image_id" in examples[0]:
             batch["image_ids"] = torch.tensor([example["image_id"] for example in examples])
         if "label" in examples[0]:
