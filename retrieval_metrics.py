@@ -62,9 +62,9 @@ def retrieval_metrics(
 
     metrics = {}
     for k in ks:
-        metrics[f"image_to_text_recall@{k}"] = (image_ranks <= k).float().mean().item()
+        metrics[f"image_to_text_recall@{k}"] = _fraction(image_ranks <= k)
     for k in ks:
-        metrics[f"text_to_image_recall@{k}"] = (text_ranks <= k).float().mean().item()
+        metrics[f"text_to_image_recall@{k}"] = _fraction(text_ranks <= k)
     metrics["image_to_text_median_rank"] = _median(image_ranks)
     metrics["text_to_image_median_rank"] = _median(text_ranks)
     return metrics
@@ -122,7 +122,7 @@ def zero_shot_accuracy(image_embeds: torch.Tensor, labels: torch.Tensor, class_t
     image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
     class_text_embeds = torch.nn.functional.normalize(class_text_embeds.float().to(image_embeds.device), dim=-1)
     predictions = (image_embeds @ class_text_embeds.t()).argmax(dim=1)
-    return (predictions == labels.to(predictions.device)).float().mean().item()
+    return _fraction(predictions == torch.as_tensor(labels, device=predictions.device))
 
 
 def chunked_contrastive_loss(
@@ -193,6 +193,11 @@ def _check_retrieval_inputs(image_embeds, text_embeds, text_image_ids, image_ids
     without_captions = ~torch.isin(image_ids, text_image_ids)
     if without_captions.any():
         raise ValueError(f"images without any caption: ids {image_ids[without_captions][:5].tolist()}")
+
+
+def _fraction(hits: torch.Tensor) -> float:
+    """The share of True in `hits`, as an exact Python division (a float32 mean would report 0.72 as 0.72000003)."""
+    return hits.sum().item() / hits.numel()
 
 
 def _median(values: torch.Tensor) -> float:

@@ -116,7 +116,7 @@ def size_key(num_images: int, captions_per_image: int) -> str:
 def measure_time(args, num_images: int, methods: tuple[str, ...], steps: int) -> dict:
     embeddings = make_embeddings(num_images, args.captions_per_image, args.dim, args.seed, args.device)
     candidates = {method: evaluation(method, embeddings, args.chunk_size) for method in methods}
-    times = time_interleaved(candidates, rounds=steps, warmup=args.warmup, device=args.device)
+    times = time_interleaved(candidates, rounds=steps, warmup=args.warmup, device=args.device, alternate_order=True)
     result = {method: summarize(seconds) for method, seconds in times.items()}
     if "naive" in methods:
         result["chunked_vs_naive_time"] = statistics.median(times["chunked"]) / statistics.median(times["naive"])

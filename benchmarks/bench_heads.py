@@ -3,11 +3,11 @@ each tower, grids 24 x 32 -> 16 x 16) and at the tiny size (32 -> 16, grids 4 x 
 
 The two projection heads of an NdCLIP (vision and text) are built alone from the config, as `NdClipProjection`s,
 for each head type. A timed call is forward + backward of both heads on a batch of random pooled vectors (the
-gradients of the inputs and the weights, as inside a training step), in fp32 and under bf16 autocast. Candidates run
-interleaved after warmup rounds (ndlinear, linear, ndlinear_without_copies, then again), each sample the mean of
-`--repeats` calls; the result gives medians and ratios of the same run (and ratios of the fastest samples,
-`_by_min`: on a shared machine other work only adds time). `ndlinear_without_copies` is the package's
-maths applied without its per-axis transposed copies (benchmarks/common.py), checked equal to it first.
+gradients of the inputs and the weights, as inside a training step), in fp32 and under bf16 autocast. Candidates
+run interleaved after warmup rounds (ndlinear, linear, ndlinear_without_copies, then in reverse order, and so on),
+each sample the mean of `--repeats` calls; the result gives medians and ratios of the same run (and ratios of the
+fastest samples, `_by_min`: on a shared machine other work only adds time). `ndlinear_without_copies` is the
+package's maths applied without its per-axis transposed copies (benchmarks/common.py), checked equal to it first.
 `macs_per_sample` counts the multiply-adds of one forward of one head for one example.
 
 Retrieval quality after the same training budget (R@1/R@5 on the demo data) is not measured here; it belongs to
@@ -114,7 +114,12 @@ def measure_head_steps(args, size: str, dtype: str) -> dict:
         "ndlinear_without_copies": make_heads_step(ndlinear, args.batch_size, args.device, dtype, True),
     }
     times = time_interleaved(
-        candidates, args.steps, args.warmup, args.device, repeats={name: args.repeats for name in candidates}
+        candidates,
+        args.steps,
+        args.warmup,
+        args.device,
+        repeats={name: args.repeats for name in candidates},
+        alternate_order=True,
     )
     median = {name: statistics.median(seconds) for name, seconds in times.items()}
     fastest = {name: min(seconds) for name, seconds in times.items()}  # the least disturbed sample

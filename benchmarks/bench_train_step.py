@@ -10,12 +10,13 @@ How it measures:
   linear model), each with its own AdamW, and train on the same random batch (pixel_values `[B, 3, H, W]`,
   input_ids `[B, 32]`, attention mask of ones). A step is forward with `return_loss=True`, backward,
   `optimizer.step()`, `zero_grad()`. The candidates run interleaved (ndlinear, linear, ndlinear_without_copies,
-  heads..., then again) after warmup rounds; samples/s is the batch size over the median step time, and every
-  ratio compares numbers of the same run. `model_flops_per_sample` is the usual estimate (6 x matmul parameters x
-  tokens + 12 x layers x tokens^2 x width per tower, + 6 x the heads' multiply-adds; no recompute), and
-  `fraction_of_matmul_peak` divides the achieved FLOP/s by that of a square matmul measured in the same run.
-  The throughput target is judged only where the step times' interquartile range is below its 2% margin
-  (`step_time_spread`); on a busy machine it is reported as unresolved rather than met or missed by noise.
+  heads..., then the same in reverse order, and so on) after warmup rounds; samples/s is the batch size over the
+  median step time, and every ratio compares numbers of the same run. `model_flops_per_sample` is the usual
+  estimate (6 x matmul parameters x tokens + 12 x layers x tokens^2 x width per tower, + 6 x the heads'
+  multiply-adds; no recompute), and `fraction_of_matmul_peak` divides the achieved FLOP/s by that of a square
+  matmul measured in the same run. The throughput target is judged only where the step times' interquartile
+  range is below its 2% margin (`step_time_spread`); on a busy machine it is reported as unresolved rather than
+  met or missed by noise.
 - Head share. The two projection heads alone (forward + the backward a training step needs: gradients of their
   inputs and weights, via `torch.autograd.grad`) on random pooled vectors of the step's batch size, timed in the
   same interleaved rounds as the steps; share = head time / step time. The alternative head
@@ -41,9 +42,10 @@ How it measures:
   `MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0` in the environment (inherited by the subprocesses) makes
   RSS follow the tensors.
 
-Defaults finish in about 5 minutes on 2 CPU cores: tiny at batch 32 (fp32 and bf16), real at batch 8 (fp32 only on
-a CPU without native bf16, where a real-size bf16 step takes minutes). `--size real --batch_size 32` reproduces the
-checkpointing target (add `--memory_only` to skip the slow throughput rounds).
+Defaults: tiny at batch 32 (fp32 and bf16, 20 timed steps), real at batch 8 (3 timed steps; fp32 only on a CPU
+without native bf16, where a real-size bf16 step takes minutes), sized for about 5 minutes on 2 idle CPU cores
+(on a 2-core machine shared with two to three other jobs they took 13 to 19 minutes). `--size real --batch_size 32`
+reproduces the checkpointing target (add `--memory_only` to skip the slow throughput rounds).
 
     python benchmarks/bench_train_step.py
     python benchmarks/bench_train_step.py --size real --batch_size 32 --memory_only
@@ -231,6 +233,7 @@ def measure_throughput(args, size: str, dtype: str) -> dict:
         warmup=args.warmup if args.warmup is not None else DEFAULT_WARMUP[size],
         device=args.device,
         repeats={name: HEAD_REPEATS for name in candidates if name.startswith("heads/")},
+        alternate_order=True,
     )
     # The yardstick is the faster of the fp32 matmul and the autocast dtype's (a CPU without native bf16 runs its
     # bf16 matmuls slower than fp32 ones, and autocast keeps many ops in fp32).
@@ -331,23 +334,14 @@ def memory_child(args) -> dict:
 
 def measure_memory(args, size: str, dtype: str) -> dict:
     batch_size = args.batch_size or DEFAULT_BATCH[size]
-    common = [
-        "--memory_child",
-        "--size",
-        size,
-        "--dtype",
-        dtype,
-        "--batch_size",
-        str(batch_size),
-        "--device",
-        args.device,
-        "--seed",
-        str(args.seed),
-    ]
+    argv = (
+        f"--memory_child --size {size} --dtype {dtype} --batch_size {batch_size} --device {args.device} "
+        f"--seed {args.seed}"
+    ).split()
     if args.threads:
-        common += ["--threads", str(args.threads)]
-    plain = run_child(Path(__file__), common)
-    checkpointed = run_child(Path(__file__), common + ["--checkpointing"])
+        argv += ["--threads", str(args.threads)]
+    plain = run_child(Path(__file__), argv)
+    checkpointed = run_child(Path(__file__), argv + ["--checkpointing"])
     return {
         "batch_size": batch_size,
         "no_checkpointing": plain,

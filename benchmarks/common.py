@@ -122,19 +122,24 @@ def time_interleaved(
     warmup: int,
     device: str,
     repeats: dict[str, int] | None = None,
+    alternate_order: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate, measured in turn (A, B, A, B, ...) so that they share the machine's mood.
 
     `warmup` untimed rounds come first; each timed sample of candidate `name` is the mean of `repeats[name]`
-    back-to-back calls (default 1; use more for calls too short for the clock).
+    back-to-back calls (default 1; use more for calls too short for the clock). `alternate_order` runs every other
+    round in reverse (A, B, B, A, ...), so that no candidate always comes first in its round.
     """
     repeats = repeats or {}
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     times = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
+    for round_index in range(rounds):
+        order = list(candidates.items())
+        if alternate_order and round_index % 2:
+            order.reverse()
+        for name, fn in order:
             calls = repeats.get(name, 1)
             synchronize(device)
             start = time.perf_counter()
