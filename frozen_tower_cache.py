@@ -77,7 +77,24 @@ class CachedTowerCollator:
         else:
             batch["image_tower_features"] = self.image_features[ids]
         batch["image_ids"] = torch.tensor(ids)
+        if "label" in examples[0]:
+            batch["labels"] = torch.tensor([example["label"] for example in examples])
         return batch
 
     def _caption_index(self, example: dict) -> int:
         return example["captions"].index(self.collator.choose_caption(example["captions"], example["image_id"]))
+
+
+class CachedCaptionCollator:
+    """collate_fn over `flatten_captions(split)` with a `row` column: the cached text-tower features of the captions
+    instead of their tokens (what `TextCollator` gives a running text tower)."""
+
+    def __init__(self, caption_features: torch.Tensor):
+        self.caption_features = caption_features
+
+    def __call__(self, examples: list[dict]) -> dict:
+        rows = [example["row"] for example in examples]
+        return {
+            "text_tower_features": self.caption_features[rows],
+            "image_ids": torch.tensor([example["image_id"] for example in examples]),
+        }

@@ -40,7 +40,13 @@ from image_caption_data import (
     load_image_caption_dataset,
     train_image_transform,
 )
-from frozen_tower_cache import CachedTowerCollator, caption_offsets, compute_caption_features, compute_image_features
+from frozen_tower_cache import (
+    CachedCaptionCollator,
+    CachedTowerCollator,
+    caption_offsets,
+    compute_caption_features,
+    compute_image_features,
+)
 from modeling_ndclip import NdClipModel, ndclip_loss
 from processing_ndclip import NdClipProcessor
 from retrieval_metrics import chunked_contrastive_loss, retrieval_metrics, zero_shot_accuracy
@@ -248,22 +254,45 @@ def set_train_mode(model, accelerator, args) -> None:
 
 def build_feature_cache(model, train_split, train_collator, eval_collator, accelerator, args):
     """The training data and collator that feed frozen towers' cached features instead of running them."""
+    data, collator, _ = cache_split_features(model, train_split, train_collator, eval_collator, accelerator, args)
+    return data, collator
+
+
+def build_eval_feature_cache(model, eval_split, eval_collator, accelerator, args) -> dict:
+    """Evaluation loaders that feed frozen towers' cached features of the evaluation split (computed once, like the
+    training split's): every evaluation then runs only what trains, not the frozen towers again."""
+    data, collator, caption_features = cache_split_features(
+        model, eval_split, eval_collator, eval_collator, accelerator, args
+    )
+    batch = args.per_device_eval_batch_size
+    captions = flatten_captions(eval_split)
+    if caption_features is None:
+        caption_loader = make_loader(captions, batch * 4, TextCollator(eval_collator.tokenizer, args.max_seq_length), args)
+    else:
+        captions = captions.add_column("row", list(range(len(captions))))
+        caption_loader = make_loader(captions, batch * 4, CachedCaptionCollator(caption_features), args)
+    return {"images": make_loader(data, batch, collator, args), "captions": caption_loader}
+
+
+def cache_split_features(model, split, collator, eval_collator, accelerator, args):
+    """(data, collator, caption features) that feed `split` with frozen towers' features computed once."""
     batch_size = args.per_device_eval_batch_size
     image_features = caption_features = offsets = None
     model.eval()
     if args.freeze_vision_model:
-        loader = accelerator.prepare(make_loader(train_split, batch_size, eval_collator, args))
-        image_features = compute_image_features(model, loader, accelerator, len(train_split))
+        loader = accelerator.prepare(make_loader(split, batch_size, eval_collator, args))
+        image_features = compute_image_features(model, loader, accelerator, len(split))
     if args.freeze_text_model:
-        text_collator = TextCollator(train_collator.tokenizer, args.max_seq_length)
-        loader = accelerator.prepare(make_loader(flatten_captions(train_split), batch_size, text_collator, args))
+        text_collator = TextCollator(collator.tokenizer, args.max_seq_length)
+        loader = accelerator.prepare(make_loader(flatten_captions(split), batch_size, text_collator, args))
         caption_features = compute_caption_features(model, loader, accelerator)
-        offsets = caption_offsets([len(captions) for captions in train_split["captions"]])
+        offsets = caption_offsets([len(captions) for captions in split["captions"]])
     # Without the vision tower the images themselves are not needed: no picture is decoded after the cache is filled.
-    data = train_split.select_columns(["image_id", "captions"]) if image_features is not None else train_split
+    columns = ["image_id", "captions"] + (["label"] if "label" in split.column_names else [])
+    data = split.select_columns(columns) if image_features is not None else split
     logger.info(f"cached frozen tower features: images {tuple(getattr(image_features, 'shape', ()))}, "
                 f"captions {tuple(getattr(caption_features, 'shape', ()))}")
-    return data, CachedTowerCollator(train_collator, image_features, caption_features, offsets)
+    return data, CachedTowerCollator(collator, image_features, caption_features, offsets), caption_features
 
 
 # ----- the loss over the global batch -------------------------------------------------------------------------------
@@ -297,7 +326,7 @@ def embed_eval_split(model, image_loader, caption_loader, accelerator) -> dict[s
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("images", "first", "image_ids", "labels", "texts", "text_ids")}
     logit_scale = None
     for batch in image_loader:
-        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(**{k: v for k, v in batch.items() if k not in ("image_ids", "labels")})
         logit_scale = out.logit_scale
         gathered = accelerator.gather_for_metrics((out.image_embeds.float(), out.text_embeds.float(), batch["image_ids"]))
         for key, value in zip(("images", "first", "image_ids"), gathered):
@@ -305,7 +334,7 @@ def embed_eval_split(model, image_loader, caption_loader, accelerator) -> dict[s
         if "labels" in batch:
             parts["labels"].append(accelerator.gather_for_metrics(batch["labels"]))
     for batch in caption_loader:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(**{k: v for k, v in batch.items() if k != "image_ids"})
         texts, ids = accelerator.gather_for_metrics((out.text_embeds.float(), batch["image_ids"]))
         parts["texts"].append(texts)
         parts["text_ids"].append(ids)
@@ -562,6 +591,10 @@ def main(argv=None):
     train_data, collate = train_split, train_collator
     if (args.freeze_vision_model or args.freeze_text_model) and not args.disable_feature_cache:
         train_data, collate = build_feature_cache(model, train_split, train_collator, eval_collator, accelerator, args)
+        eval_loaders = {
+            k: accelerator.prepare(v)
+            for k, v in build_eval_feature_cache(model, eval_split, eval_collator, accelerator, args).items()
+        }
     train_loader = accelerator.prepare(
         make_loader(train_data, args.per_device_train_batch_size, collate, args, train=True)
     )
