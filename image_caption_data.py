@@ -505,7 +505,7 @@ def _image_problem(image) -> str:
     """Why an undecoded image ({"bytes", "path"}) cannot be used, or "" if it decodes."""
     if image is None or (image["bytes"] is None and not image["path"]):
         return MISSING_FILE
-    source = io.BytesIO(image["bytes"]) if image["bytes"] is not None else image["path"]
+    source = _encoded_image_source(image)
     load_truncated_images = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail here, not be padded with grey in training
     try:
@@ -520,6 +520,11 @@ def _image_problem(image) -> str:
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = load_truncated_images
     return ""
+
+
+def _encoded_image_source(image: dict):
+    """What PIL opens for an undecoded `datasets.Image` value {"bytes", "path"}: the bytes, else the file."""
+    return io.BytesIO(image["bytes"]) if image["bytes"] is not None else image["path"]
 
 
 def _is_usable(reason) -> bool:
@@ -563,18 +568,53 @@ def _number_images(dataset: Dataset) -> Dataset:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def without_image_decoding(dataset: Dataset) -> Dataset:
+    """The dataset with its `image` column left encoded ({"bytes", "path"}) when a row is read, for the transforms
+    below to decode: the training transform then decodes a JPEG at reduced size when the model's input is much
+    smaller than the photo (see `DecodeImage`)."""
+    return dataset.cast_column("image", Image(decode=False))
+
+
+class DecodeImage:
+    """The first step of the image transforms: an image as a row gives it, decoded to PIL.
+
+    Encoded images ({"bytes", "path"}, rows of `without_image_decoding(...)`) are opened here. With `draft_size`
+    (width, height) a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale that is still at least that large
+    (`PIL.Image.draft`, libjpeg's DCT scaling): the decoder then skips most of the work of a full-size decode and
+    the resize that follows has fewer pixels to read (500x375 Flickr8k photos for a 30 px model: 2x faster per image,
+    `benchmarks/bench_data_pipeline.py`). Other formats ignore the draft. Decoded PIL images pass through unchanged.
+    """
+
+    def __init__(self, draft_size: tuple[int, int] | None = None):
+        self.draft_size = draft_size
+
+    def __call__(self, image):
+        if isinstance(image, PIL.Image.Image):
+            return image
+        picture = PIL.Image.open(_encoded_image_source(image))
+        if self.draft_size:
+            picture.draft(None, self.draft_size)  # mode None: keep the colour mode, `_to_rgb` converts it next
+        picture.load()
+        return picture
+
+    def __repr__(self):
+        return f"{type(self).__name__}(draft_size={self.draft_size})"
+
+
 def train_image_transform(image_processor) -> v2.Compose:
-    """PIL image -> float tensor [3, H, W] with mild, caption-safe augmentation.
+    """Image (PIL, or encoded: see `DecodeImage`) -> float tensor [3, H, W] with mild, caption-safe augmentation.
 
     A random crop of 80-100% of the image area, with an aspect ratio between 3:4 and 4:3 (the range of the photos
     themselves, so a crop of a landscape or a portrait photo need not cut one side away), resized to the image
     processor's size. No horizontal flip (captions say "left" and "right") and no colour jitter (captions name
-    colours).
+    colours). An encoded JPEG is decoded at reduced size when it stays at least twice the output size: the crop
+    (each side at least ~0.77 of the image's) is then still larger than the output, so it is only ever scaled down.
     """
     size, _ = _processor_sizes(image_processor)
     interpolation = _processor_interpolation(image_processor)
     return v2.Compose(
         [
+            DecodeImage(draft_size=(2 * size[1], 2 * size[0])),
             v2.Lambda(_to_rgb),
             v2.ToImage(),
             v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), interpolation=interpolation),
@@ -584,11 +624,13 @@ def train_image_transform(image_processor) -> v2.Compose:
 
 
 def eval_image_transform(image_processor) -> v2.Compose:
-    """PIL image -> float tensor [3, H, W], the same as `image_processor(images=...)["pixel_values"][0]`."""
+    """Image (PIL, or encoded: decoded at full size) -> float tensor [3, H, W], the same as
+    `image_processor(images=...)["pixel_values"][0]`."""
     size, resize = _processor_sizes(image_processor)
     interpolation = _processor_interpolation(image_processor)
     return v2.Compose(
         [
+            DecodeImage(),
             v2.Lambda(_to_rgb),
             v2.ToImage(),
             v2.Resize(resize, interpolation=interpolation),
@@ -666,8 +708,8 @@ class CaptionCollator:
     (with `persistent_workers=True` the workers keep the epoch they started with). With `train=False` it takes the
     first caption, for a stable evaluation loss.
 
-    Examples are rows of the dataset as loaded (`image` is decoded by datasets and transformed here with
-    `image_transform`), or rows of `with_image_transform(...)` that already carry `pixel_values` (then
+    Examples are rows of the dataset as loaded (`image` decoded by datasets, or encoded in rows of
+    `without_image_decoding(...)`, and transformed here with `image_transform`), or rows of `with_image_transform(...)` that already carry `pixel_values` (then
     `image_transform` is None). Captions are padded to the longest in the batch and truncated at `max_seq_length`.
     Returns `pixel_values` [B, 3, H, W], `input_ids` and `attention_mask` [B, L], `image_ids` [B], and `labels` [B]
     when the examples have a `label`; examples without `captions` (an image-classification set) give no text.

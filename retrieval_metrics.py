@@ -91,6 +91,7 @@ def image_to_text_ranks(
         best_correct = torch.full((end - start,), float("-inf"), device=similarity.device)
         best_correct.scatter_reduce_(0, rows, similarity[rows, columns], reduce="amax")
         ranks[start:end] = _count_strictly_greater(similarity, best_correct[:, None]) + 1
+        del similarity  # freed before the next chunk's matmul allocates: one chunk alive at a time, not two
     return ranks
 
 
@@ -108,6 +109,7 @@ def text_to_image_ranks(
         similarity = text_embeds[start:end] @ image_embeds.t()  # [chunk, N]
         correct = similarity.gather(1, text_image_rows[start:end, None])  # [chunk, 1]
         ranks[start:end] = _count_strictly_greater(similarity, correct) + 1
+        del similarity  # one chunk alive at a time
     return ranks
 
 

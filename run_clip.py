@@ -39,6 +39,7 @@ from image_caption_data import (
     flatten_captions,
     load_image_caption_dataset,
     train_image_transform,
+    without_image_decoding,
 )
 from frozen_tower_cache import (
     CachedCaptionCollator,
@@ -54,6 +55,9 @@ from retrieval_metrics import chunked_contrastive_loss, retrieval_metrics, zero_
 logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
+MAX_DEFAULT_DATALOADER_WORKERS = 8
+# torch.compile backends that accelerate's TorchDynamoPlugin takes and that need nothing beyond torch.
+COMPILE_BACKENDS = ["inductor", "aot_eager", "eager", "cudagraphs"]
 TRAINING_STATE_FILE = "training_state.json"
 
 
@@ -76,7 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--freeze_text_model", action="store_true")
     model.add_argument("--disable_feature_cache", action="store_true", help="Run frozen towers at every step.")
     model.add_argument("--gradient_checkpointing", action="store_true")
-    model.add_argument("--torch_compile", action="store_true", help="Compile the model with torch.compile (inductor).")
+    model.add_argument("--torch_compile", action="store_true", help="Compile the model with torch.compile.")
+    model.add_argument(
+        "--torch_compile_backend", default="inductor", choices=COMPILE_BACKENDS,
+        help="torch.compile backend with --torch_compile (`aot_eager` traces without generating kernels: a quick check).",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", default="jxie/flickr8k")
@@ -92,7 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--eval_split", default="validation", help="`validation` or `test`.")
     data.add_argument("--validation_fraction", type=float, default=0.1, help="Held out by image when no split exists.")
     data.add_argument("--preprocessing_num_workers", type=int)
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument(
+        "--dataloader_num_workers", type=int,
+        help="DataLoader worker processes per training process. Default: this process's share of the CPU cores less "
+        "one (the one that drives the model), at most 8; 0 loads in the training process.",
+    )
     data.add_argument("--zero_shot_dataset", help="An image-classification dataset (Hub id or folder) for zero-shot.")
     data.add_argument("--zero_shot_split", default="test")
     data.add_argument("--zero_shot_template", default="a photo of a {}.")
@@ -237,8 +249,18 @@ def make_loader(dataset, batch_size: int, collate_fn, args, train: bool = False)
         drop_last=train,  # the contrastive loss wants full batches, the same size on every process
         collate_fn=collate_fn,
         num_workers=args.dataloader_num_workers,
+        pin_memory=args.dataloader_pin_memory,
         generator=torch.Generator().manual_seed(args.seed),
     )
+
+
+def default_dataloader_workers() -> int:
+    """Worker processes that fit beside the training process on this process's share of the CPU cores: decoding and
+    cropping the photos in workers overlaps it with the model's step (benchmarks/bench_end_to_end.py), but each
+    worker takes a core, and the training process needs one to drive the model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun, which accelerate launch runs
+    return max(0, min(MAX_DEFAULT_DATALOADER_WORKERS, cores // local_processes - 1))
 
 
 def set_train_mode(model, accelerator, args) -> None:
@@ -523,8 +545,11 @@ def main(argv=None):
         project_config=ProjectConfiguration(args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         # Captions are padded per batch, so sequence lengths vary: compile for dynamic shapes, not one per length.
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True) if args.torch_compile else None,
+        dynamo_plugin=TorchDynamoPlugin(backend=args.torch_compile_backend, dynamic=True) if args.torch_compile else None,
     )
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = default_dataloader_workers()
+    args.dataloader_pin_memory = accelerator.device.type == "cuda"  # page-locked batches copy to the GPU async
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown ours
     if accelerator.is_local_main_process:
@@ -546,7 +571,9 @@ def main(argv=None):
             logger.warning(f"skipped unusable samples in `{split}`: {dict(reasons)}")
     if args.eval_split not in raw:
         raise SystemExit(f"--eval_split {args.eval_split!r} is not in the data set (splits: {', '.join(raw)})")
-    train_split = truncate(raw["train"], args.max_train_samples)
+    # Training images stay encoded until the training transform decodes them: a JPEG much larger than the model's
+    # input is then decoded at reduced size (image_caption_data.DecodeImage).
+    train_split = without_image_decoding(truncate(raw["train"], args.max_train_samples))
     eval_split = truncate(raw[args.eval_split], args.max_eval_samples)
     class_names = eval_split.features["label"].names if "label" in eval_split.features else None
 
@@ -626,8 +653,9 @@ def main(argv=None):
     history = MetricsHistory(args.output_dir, accelerator)
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        f"training on {len(train_split)} images ({accelerator.num_processes} processes, global batch {total_batch}), "
-        f"evaluating on {len(eval_split)} images of `{args.eval_split}`; {args.max_train_steps} optimizer steps"
+        f"training on {len(train_split)} images ({accelerator.num_processes} processes, global batch {total_batch}, "
+        f"{args.dataloader_num_workers} data loader workers per process), evaluating on {len(eval_split)} images of "
+        f"`{args.eval_split}`; {args.max_train_steps} optimizer steps"
     )
 
     # Resume: weights, optimizer, schedule and random states from the checkpoint; the data position from its state.

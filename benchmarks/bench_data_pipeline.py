@@ -5,7 +5,8 @@ The data are Flickr8k-like: `--images` JPEG photos (default 200; 500x375, every 
 portrait photos, quality 90, smooth random content with a little noise: about 75 KB each) in a Kaggle-layout folder
 (`Images/` + `captions.txt` with header `image,caption`, five captions per image, from `tests/flickr8k_layouts.py`).
 They are read through the real path: `image_caption_data.load_image_caption_dataset(data_dir=...)`, then
-`run_clip.make_loader` (the training DataLoader: shuffled, full batches) over the train split with
+`run_clip.make_loader` (the training DataLoader: shuffled, full batches) over the train split (images left encoded,
+`without_image_decoding`, as run_clip.py reads them, so that a JPEG is decoded at reduced size for the tiny model) with
 `CaptionCollator(tokenizer, 64, seed=0, image_transform=train_image_transform(image_processor))`, the tokenizer a
 WordPiece one trained on the captions (`tiny_towers.train_wordpiece_tokenizer`, 2000 words).
 
@@ -75,6 +76,7 @@ from image_caption_data import (
     CaptionCollator,
     load_image_caption_dataset,
     train_image_transform,
+    without_image_decoding,
 )
 from modeling_ndclip import NdClipModel
 from run_clip import make_loader, optimizer_param_groups
@@ -206,9 +208,8 @@ class DataEpoch:
         self.collator = CaptionCollator(
             tokenizer, MAX_SEQ_LENGTH, seed=seed, image_transform=train_image_transform(image_processor)
         )
-        self.loader = make_loader(
-            split, batch_size, self.collator, SimpleNamespace(dataloader_num_workers=workers, seed=seed), train=True
-        )
+        loader_args = SimpleNamespace(dataloader_num_workers=workers, dataloader_pin_memory=False, seed=seed)
+        self.loader = make_loader(split, batch_size, self.collator, loader_args, train=True)
         self.batch_size = batch_size
         self.threads = threads  # torch intra-op threads of this process during the epoch (None: unchanged)
         self.epoch = 0
@@ -251,7 +252,7 @@ def prepare_data(args, workdir: Path):
     data_info["load_image_caption_dataset_s"] = time.perf_counter() - started
     data_info["train_images"] = len(dataset["train"])
     tokenizer = train_wordpiece_tokenizer(read_captions(data_dir), vocab_size=VOCAB_SIZE)
-    return data_dir, dataset["train"], tokenizer, data_info
+    return data_dir, without_image_decoding(dataset["train"]), tokenizer, data_info
 
 
 def main(argv=None) -> None:

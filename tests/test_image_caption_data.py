@@ -15,6 +15,7 @@ from transformers import CLIPImageProcessor, ViTImageProcessor
 from image_caption_data import (
     CaptionCollator,
     DatasetDownloadError,
+    DecodeImage,
     TextCollator,
     drop_unusable_samples,
     eval_image_transform,
@@ -22,10 +23,12 @@ from image_caption_data import (
     load_image_caption_dataset,
     train_image_transform,
     with_image_transform,
+    without_image_decoding,
 )
 from flickr8k_layouts import (
     BOGUS_FLICKR8K_NAME,
     captions_of,
+    encoded,
     picture,
     write_hub_parquet,
     write_images,
@@ -238,9 +241,15 @@ def test_unusable_samples_are_dropped_counted_and_logged(messy_dataset, caplog, 
 
     modes = [image.mode for image in usable["image"]]
     assert modes == ["RGB", "L", "RGBA", "CMYK", "P"], "other colour modes are kept, not converted on load"
+    encoded = without_image_decoding(usable)  # how run_clip.py reads training rows: decoded by the transform
     for transform in (eval_image_transform(image_processor), train_image_transform(image_processor)):
-        for row in with_image_transform(usable, transform):
-            assert row["pixel_values"].shape == (3, 30, 30) and row["pixel_values"].dtype == torch.float32
+        for view in (usable, encoded):
+            for row in with_image_transform(view, transform):
+                assert row["pixel_values"].shape == (3, 30, 30) and row["pixel_values"].dtype == torch.float32
+    evaluate = eval_image_transform(image_processor)
+    for decoded_row, encoded_row in zip(usable, encoded):
+        assert isinstance(encoded_row["image"], dict)
+        torch.testing.assert_close(evaluate(encoded_row["image"]), evaluate(decoded_row["image"]), rtol=0, atol=0)
 
 
 def test_unusable_samples_check_runs_on_several_processes(messy_dataset):
@@ -311,6 +320,34 @@ def test_train_transform_is_random_but_keeps_left_right_and_colours(image_proces
         red, blue = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1), torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1)
         torch.testing.assert_close(left, red.expand_as(left))
         torch.testing.assert_close(right, blue.expand_as(right))
+
+
+def red_left_blue_right(height: int, width: int) -> PILImage.Image:
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+    array[:, : width // 2, 0] = 255
+    array[:, width // 2 :, 2] = 255
+    return PILImage.fromarray(array)
+
+
+def test_training_transform_decodes_large_jpegs_at_reduced_size(image_processor):
+    """A 400x300 JPEG for a 30 px model is decoded at 1/4 scale (100x75, the smallest DCT scale still at least twice
+    the output), and the crop from it still keeps left and right and the colours."""
+    photo = {"bytes": encoded(red_left_blue_right(300, 400), "JPEG"), "path": "photo.jpg"}
+    transform = train_image_transform(image_processor)
+    [decode] = [step for step in transform.transforms if isinstance(step, DecodeImage)]
+    assert decode.draft_size == (60, 60)
+    assert decode(photo).size == (100, 75)
+    assert DecodeImage()(photo).size == (400, 300), "the evaluation transform decodes at full size"
+    assert eval_image_transform(image_processor).transforms[0](photo).size == (400, 300)
+    png = {"bytes": encoded(red_left_blue_right(300, 400), "PNG"), "path": "photo.png"}
+    assert decode(png).size == (400, 300), "only JPEGs have reduced-size decoding"
+
+    torch.manual_seed(0)
+    for pixels in [transform(photo) for _ in range(10)]:
+        assert pixels.shape == (3, 30, 30)
+        red, blue = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1), torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1)
+        torch.testing.assert_close(pixels[:, :, :4], red.expand(3, 30, 4), atol=0.05, rtol=0)  # JPEG's own error
+        torch.testing.assert_close(pixels[:, :, -4:], blue.expand(3, 30, 4), atol=0.05, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

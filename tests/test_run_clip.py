@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from modeling_ndclip import NdClipModel
+from run_clip import default_dataloader_workers
 from tiny_towers import tiny_config, tiny_processor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,8 +62,10 @@ def launch_command(args: list[str], num_processes: int = 1, mixed_precision: str
     return launcher + [RUN_CLIP, *args], env
 
 
-def launch(args: list[str], num_processes: int = 1, check: bool = True, **launch_options) -> subprocess.CompletedProcess:
+def launch(args: list[str], num_processes: int = 1, check: bool = True, extra_env: dict | None = None,
+           **launch_options) -> subprocess.CompletedProcess:
     cmd, env = launch_command(args, num_processes, **launch_options)
+    env.update(extra_env or {})
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
@@ -143,6 +146,7 @@ def test_every_data_format_trains_end_to_end(kind, tmp_path, tiny_model):
                      "--max_train_steps", "2", *SMALL_RUN])  # fmt: skip
     results = assert_hub_ready_output(out)
     assert results["step"] == 2
+    assert f"{default_dataloader_workers()} data loader workers per process" in result.stderr  # the default
     assert [r["step"] for r in history(out) if "loss" in r] == [1, 2]
     if kind == "hub_parquet":
         assert results["split"] == "test"
@@ -223,21 +227,40 @@ def test_bf16_mixed_precision_and_gradient_checkpointing(tmp_path, tiny_model):
     assert weights["logit_scale"].dtype == torch.float32, "autocast computes in bf16, the weights stay fp32"
 
 
+def test_default_dataloader_workers_leave_a_core_to_each_training_process(monkeypatch):
+    from run_clip import MAX_DEFAULT_DATALOADER_WORKERS
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_dataloader_workers() == min(cores - 1, MAX_DEFAULT_DATALOADER_WORKERS)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # one core per process: load in the training process
+    assert default_dataloader_workers() == 0
+
+
 # ----- the global batch: 2 processes x b == 1 process x 2b ---------------------------------------------------------
 
 
-def test_two_processes_compute_the_same_loss_and_weights_as_one(tmp_path, tiny_model_without_dropout):
-    data_args = write_format("kaggle", tmp_path / "data")
-    common = ["--model_name_or_path", str(tiny_model_without_dropout), *data_args, "--max_train_steps", "2",
-              "--logging_steps", "1", "--per_device_eval_batch_size", "4", "--learning_rate", "1e-3"]  # fmt: skip
-    launch([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model_without_dropout) -> tuple[list[str], Path]:
+    """One eager process at batch 8 on Kaggle-layout data: the run that other process counts and compilation must
+    reproduce. Returns the arguments shared by all of them (all but the batch size and output folder) and its folder."""
+    root = tmp_path_factory.mktemp("reference_run")
+    common = ["--model_name_or_path", str(tiny_model_without_dropout), *write_format("kaggle", root / "data"),
+              "--max_train_steps", "2", "--logging_steps", "1", "--per_device_eval_batch_size", "4",
+              "--learning_rate", "1e-3"]  # fmt: skip
+    launch([*common, "--per_device_train_batch_size", "8", "--output_dir", str(root / "one")])
+    return common, root / "one"
+
+
+def test_two_processes_compute_the_same_loss_and_weights_as_one(tmp_path, tiny_model_without_dropout, reference_run):
+    common, one_dir = reference_run
     launch([*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two")], num_processes=2)
 
-    one = [r["loss"] for r in history(tmp_path / "one") if "loss" in r]
+    one = [r["loss"] for r in history(one_dir) if "loss" in r]
     two = [r["loss"] for r in history(tmp_path / "two") if "loss" in r]
     assert len(one) == len(two) == 2
     assert one == pytest.approx(two, rel=1e-5), "the loss is over the global batch of 8 in both runs"
-    weights_one = load_file(tmp_path / "one" / "model.safetensors")
+    weights_one = load_file(one_dir / "model.safetensors")
     weights_two = load_file(tmp_path / "two" / "model.safetensors")
     initial = load_file(tiny_model_without_dropout / "model.safetensors")
     assert not torch.equal(weights_one["visual_projection.ndlinear.align_layers.0.weight"],
@@ -247,6 +270,21 @@ def test_two_processes_compute_the_same_loss_and_weights_as_one(tmp_path, tiny_m
     # learning rate (1e-3) differently: a tenth of it is the tolerance, far below what a wrong loss would give.
     for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
+def test_torch_compile_trains_to_the_same_losses(tmp_path, reference_run):
+    """`--torch_compile` through accelerate's TorchDynamoPlugin (dynamic shapes: captions are padded per batch). The
+    `aot_eager` backend traces the model as inductor does but runs the traced aten ops instead of generating kernels
+    (inductor's C++ compilation takes minutes on a small CPU), so the losses match the eager run's."""
+    common, eager_dir = reference_run
+    compiled = launch([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "compiled"),
+                       "--torch_compile", "--torch_compile_backend", "aot_eager"],
+                      extra_env={"TORCH_LOGS": "recompiles"})  # fmt: skip
+
+    assert "Recompiling function forward" in compiled.stderr, "the model ran through torch.compile"
+    eager = [r["loss"] for r in history(eager_dir) if "loss" in r]
+    assert [r["loss"] for r in history(tmp_path / "compiled") if "loss" in r] == pytest.approx(eager, rel=1e-5)
+    assert_hub_ready_output(tmp_path / "compiled")  # saved without the compile wrapper's `_orig_mod.` prefixes
 
 
 # ----- frozen towers train from cached features -------------------------------------------------------------------
