@@ -259,7 +259,7 @@ def default_dataloader_workers() -> int:
     cropping the photos in workers overlaps it with the model's step (benchmarks/bench_end_to_end.py), but each
     worker takes a core, and the training process needs one to drive the model."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun, which accelerate launch runs
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun, which accelerate launch runs
     return max(0, min(MAX_DEFAULT_DATALOADER_WORKERS, cores // local_processes - 1))
 
 
