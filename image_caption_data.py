@@ -709,9 +709,10 @@ class CaptionCollator:
     first caption, for a stable evaluation loss.
 
     Examples are rows of the dataset as loaded (`image` decoded by datasets, or encoded in rows of
-    `without_image_decoding(...)`, and transformed here with `image_transform`), or rows of `with_image_transform(...)` that already carry `pixel_values` (then
-    `image_transform` is None). Captions are padded to the longest in the batch and truncated at `max_seq_length`.
-    Returns `pixel_values` [B, 3, H, W], `input_ids` and `attention_mask` [B, L], `image_ids` [B], and `labels` [B]
+    `without_image_decoding(...)`, and transformed here with `image_transform`), or rows of
+    `with_image_transform(...)` that already carry `pixel_values` (then `image_transform` is None). Captions are
+    padded to the longest in the batch and truncated at `max_seq_length`. Returns `pixel_values` [B, 3, H, W],
+    `input_ids` and `attention_mask` [B, L], `image_ids` [B], and `labels` [B]
     when the examples have a `label`; examples without `captions` (an image-classification set) give no text.
     """
 

@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--torch_compile", action="store_true", help="Compile the model with torch.compile.")
     model.add_argument(
         "--torch_compile_backend", default="inductor", choices=COMPILE_BACKENDS,
-        help="torch.compile backend with --torch_compile (`aot_eager` traces without generating kernels: a quick check).",
+        help="Backend for --torch_compile (`aot_eager` traces the model without generating kernels: a quick check).",
     )
 
     data = parser.add_argument_group("data")
@@ -545,7 +545,9 @@ def main(argv=None):
         project_config=ProjectConfiguration(args.output_dir, logging_dir=os.path.join(args.output_dir, "runs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         # Captions are padded per batch, so sequence lengths vary: compile for dynamic shapes, not one per length.
-        dynamo_plugin=TorchDynamoPlugin(backend=args.torch_compile_backend, dynamic=True) if args.torch_compile else None,
+        dynamo_plugin=(
+            TorchDynamoPlugin(backend=args.torch_compile_backend, dynamic=True) if args.torch_compile else None
+        ),
     )
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = default_dataloader_workers()

@@ -27,8 +27,9 @@ How it measures:
   few steps by 10% and more. The same ratio of the means is `pipeline_over_bare_from_means`.
 
 Defaults: tiny at batch 32 (run_clip's default batch) for 30 steps (6 epochs of 5 steps on 180 training images),
-real at batch 8 for 6 steps (a real-size step at batch 32 takes minutes on 2 CPU cores), 0 DataLoader workers
-(run_clip's default); a few minutes on 2 CPU cores.
+real at batch 8 for 6 steps (a real-size step at batch 32 takes minutes on 2 CPU cores), 0 and 1 DataLoader
+workers (loading in the training process, and run_clip's default on a 2-core machine: the cores less one); a few
+minutes on 2 CPU cores.
 
     python benchmarks/bench_end_to_end.py
     python benchmarks/bench_end_to_end.py --size real --batch_size 32 --steps 10 --workers 0,1
@@ -93,7 +94,7 @@ def parse_args(argv=None):
     parser.add_argument("--bare_steps", type=int, default=None,
                         help=f"bare steps timed before and after each run, default {DEFAULT_BARE_STEPS}")
     parser.add_argument("--images", type=int, default=200, help="photos generated (10%% are held out)")
-    parser.add_argument("--workers", default="0", help="--dataloader_num_workers values to run, e.g. 0,1")
+    parser.add_argument("--workers", default="0,1", help="--dataloader_num_workers values to run, e.g. 0,1,2")
     parser.add_argument("--data_dir", help="use this Kaggle-layout folder instead of generating one")
     parser.add_argument("--keep", help="keep the generated data, models and run folders here")
     add_common_args(parser)

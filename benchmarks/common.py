@@ -150,6 +150,21 @@ def time_interleaved(
     return times
 
 
+def median_confidence_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of `values`: the order statistics whose ranks the
+    binomial(n, 1/2) distribution puts `(1 - confidence) / 2` below and above. None for fewer than 6 values (no such
+    interval at 95%)."""
+    ordered, n = sorted(values), len(values)
+    tail = (1 - confidence) / 2
+    below, k = 0.0, 0  # P(Binomial(n, 1/2) < k+1), accumulated while it stays within the tail
+    while below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return None
+    return ordered[k - 1], ordered[n - k]
+
+
 def summarize(seconds: list[float]) -> dict:
     return {
         "median_s": statistics.median(seconds),

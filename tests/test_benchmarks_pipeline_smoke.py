@@ -5,40 +5,8 @@ No timing is asserted (the numbers depend on the machine and on whatever else ru
 work, that they measured what they say, and that the frozen-cache runs train exactly like the uncached ones."""
 
 import json
-import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def run_benchmark(name: str, *argv: str) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *argv],
-        capture_output=True,
-        check=False,  # the assertion below shows the benchmark's stderr
-        text=True,
-        env=env,
-        cwd=BENCHMARKS.parent,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return json.loads(completed.stdout)  # the whole stdout is one JSON object
-
-
-def positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-def check_hardware(result: dict) -> None:
-    hardware = result["hardware"]
-    assert hardware["device"] == "cpu"
-    assert hardware["cpu"] and hardware["torch"]
-    assert positive(hardware["torch_threads"])
-    assert "load_average_1m_at_end" in hardware
+from benchmark_runs import check_hardware, positive, run_benchmark
 
 
 def test_data_pipeline(tmp_path):

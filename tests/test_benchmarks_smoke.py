@@ -4,48 +4,16 @@ No timing is asserted (the numbers depend on the machine and on whatever else ru
 work, that the numbers they report are positive, and that their correctness checks pass."""
 
 import json
-import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def run_benchmark(name: str, arguments: str) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *arguments.split()],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        cwd=BENCHMARKS.parent,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return json.loads(completed.stdout)  # the whole stdout is one JSON object
-
-
-def positive(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
-def check_hardware(result: dict) -> None:
-    hardware = result["hardware"]
-    assert hardware["device"] == "cpu"
-    assert hardware["cpu"] and hardware["torch"]
-    assert positive(hardware["torch_threads"])
+from benchmark_runs import BENCHMARKS, check_hardware, positive, run_benchmark
 
 
 def test_train_step_throughput(tmp_path):
     output = tmp_path / "train_step.json"
     result = run_benchmark(
         "bench_train_step.py",
-        f"--size tiny --dtype fp32 --batch_size 4 --steps 2 --warmup 1 --no_memory --output {output}",
+        *f"--size tiny --dtype fp32 --batch_size 4 --steps 2 --warmup 1 --no_memory --output {output}".split(),
     )
     assert json.loads(output.read_text()) == result
     check_hardware(result)
@@ -67,14 +35,28 @@ def test_train_step_throughput(tmp_path):
         assert positive(run[key]), key
     assert positive(run["matmul_flops_per_s"]["fp32"])
     assert 0 <= run["without_copies_max_rel_diff"] < 1e-4
+    assert positive(run["ndlinear_vs_linear_throughput_implied_by_heads"])
+    assert positive(run["ndlinear_vs_linear_throughput_of_medians"])
     target = result["targets"]["ndlinear_vs_linear_throughput >= 0.98"]["tiny/fp32"]
-    assert target["met"] in (True, False) or target["met"].startswith("unresolved")
-    assert target["spread"] >= 0
+    assert target["ci95"] is None and target["met"].startswith("unresolved: fewer than 6 rounds")
     assert result["memory"] == {}
 
 
+def test_median_confidence_interval_and_throughput_verdict(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from bench_train_step import throughput_verdict
+    from common import median_confidence_interval
+
+    # Binomial(20, 1/2): P(X <= 5) = 0.0207 <= 0.025 < P(X <= 6): the 6th and the 15th of 20 sorted values.
+    assert median_confidence_interval([float(n) for n in range(20, 0, -1)]) == (6.0, 15.0)
+    assert median_confidence_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 2 / 2**5 > 0.025: no 95% interval
+    assert throughput_verdict((0.99, 1.05)) is True
+    assert throughput_verdict((0.90, 0.97)) is False
+    assert throughput_verdict((0.97, 1.01)).startswith("unresolved: the 95% interval [0.970, 1.010]")
+
+
 def test_train_step_memory():
-    result = run_benchmark("bench_train_step.py", "--size tiny --dtype fp32 --batch_size 4 --memory_only")
+    result = run_benchmark("bench_train_step.py", *"--size tiny --dtype fp32 --batch_size 4 --memory_only".split())
     assert result["throughput"] == {}
     memory = result["memory"]["tiny/fp32"]
     for config in ("no_checkpointing", "checkpointing"):
@@ -89,7 +71,9 @@ def test_train_step_memory():
 
 
 def test_heads():
-    result = run_benchmark("bench_heads.py", "--size tiny --dtype fp32 --batch_size 8 --steps 2 --warmup 1 --repeats 1")
+    result = run_benchmark(
+        "bench_heads.py", *"--size tiny --dtype fp32 --batch_size 8 --steps 2 --warmup 1 --repeats 1".split()
+    )
     check_hardware(result)
     heads = result["heads"]["tiny"]
     assert heads["parameters"]["ndlinear"]["total"] < heads["parameters"]["linear"]["total"]
@@ -104,7 +88,7 @@ def test_heads():
 
 
 def test_eval():
-    result = run_benchmark("bench_eval.py", "--images 40 --scale 2 --steps 2 --large_steps 1 --warmup 1")
+    result = run_benchmark("bench_eval.py", *"--images 40 --scale 2 --steps 2 --large_steps 1 --warmup 1".split())
     check_hardware(result)
     small, large = "40x200", "80x400"
     assert positive(result["time"][small]["naive"]["median_s"])
@@ -120,3 +104,25 @@ def test_eval():
         assert result["memory"][size]["naive_similarity_matrix_bytes"] == images * captions * 4
         assert positive(result["memory"][size]["chunked_bound_bytes"])
     assert result["bounded_memory"]["pairs_growth"] == 4
+
+
+def test_length_grouping(tmp_path):
+    """On captions of a Flickr8k token file, grouping by length pads less than random batches."""
+    from flickr8k_layouts import captions_of
+
+    token_file = tmp_path / "Flickr8k.token.txt"
+    token_file.write_text("".join(f"{n}.jpg#{k}\t{text}\n" for n in range(20) for k, text in enumerate(captions_of(n))))
+    result = run_benchmark(
+        "bench_length_grouping.py", "--captions_file", str(token_file), "--samples", "256", "--epochs", "1",
+        "--batch_size", "8", "--rounds", "1", "--warmup", "0",
+    )
+    check_hardware(result)
+    assert result["captions"]["count"] == 100 and positive(result["captions"]["mean_tokens"])
+    random, grouped = result["padding"]["random"], result["padding"]["grouped"]
+    assert random["batches"] == grouped["batches"] == 32
+    assert 0 <= grouped["padding_fraction"] < random["padding_fraction"] < 1
+    assert grouped["padded_length"] < random["padded_length"]
+    for way in ("random", "grouped"):
+        assert positive(result["step"][way]["samples_per_s"])
+        assert result["step"][way]["caption_tokens"] == round(result["padding"][way]["padded_length"])
+    assert positive(result["grouped_vs_random_throughput"])
