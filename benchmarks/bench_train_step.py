@@ -16,7 +16,9 @@ How it measures:
   target is judged on the 95% confidence interval of the median of those ratios (order statistics, no assumption
   about the noise): met when the interval lies at or above 0.98, missed when below, unresolved when it straddles
   it. The same ratio implied by the heads' own times (the only difference between the models, timed in many
-  repeats) is reported beside it. `model_flops_per_sample` is the usual
+  repeats; it leaves out the optimizer step over the heads' parameters, 2 x 928 for NdLinear against 2 x 196,864
+  for the linear heads at the real size, so it errs against NdLinear) is reported and judged beside it
+  (`met_by_heads`): on a shared CPU it resolves what whole steps cannot. `model_flops_per_sample` is the usual
   estimate (6 x matmul parameters x tokens + 12 x layers x tokens^2 x width per tower, + 6 x the heads'
   multiply-adds; no recompute), and `fraction_of_matmul_peak` divides the achieved FLOP/s by that of a square
   matmul measured in the same run.
@@ -45,7 +47,7 @@ How it measures:
   `MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0` in the environment (inherited by the subprocesses) makes
   RSS follow the tensors.
 
-Defaults: tiny at batch 32 (fp32 and bf16, 20 timed steps), real at batch 8 (8 timed rounds; fp32 only on a CPU
+Defaults: tiny at batch 32 (fp32 and bf16, 60 timed rounds), real at batch 8 (8 timed rounds; fp32 only on a CPU
 without native bf16, where a real-size bf16 step takes minutes), sized for about 5 minutes on 2 idle CPU cores
 (on a 2-core machine shared with two to three other jobs they took 13 to 19 minutes). `--size real --batch_size 32`
 reproduces the checkpointing target (add `--memory_only` to skip the slow throughput rounds).
@@ -101,7 +103,7 @@ from tiny_towers import tiny_config
 SIZES = ("tiny", "real")
 SEQ_LEN = 32
 DEFAULT_BATCH = {"tiny": 32, "real": 8}
-DEFAULT_STEPS = {"tiny": 20, "real": 8}  # rounds; 6 or more give the paired ratio a 95% interval
+DEFAULT_STEPS = {"tiny": 60, "real": 8}  # rounds; 6 or more give the paired ratio a 95% interval
 DEFAULT_WARMUP = {"tiny": 3, "real": 1}
 HEAD_REPEATS = 20  # head calls per timed sample: one call is too short for the clock
 THROUGHPUT_TARGET = 0.98
@@ -388,11 +390,13 @@ def check_targets(throughput: dict, memory: dict) -> dict:
     speed, mem = targets.values()
     for key, result in throughput.items():
         interval = result["ndlinear_vs_linear_throughput_ci95"]
+        implied = result["ndlinear_vs_linear_throughput_implied_by_heads"]
         speed[key] = {
             "value": round(result["ndlinear_vs_linear_throughput"], 4),
             "ci95": interval and [round(bound, 4) for bound in interval],
-            "implied_by_heads": round(result["ndlinear_vs_linear_throughput_implied_by_heads"], 4),
             "met": throughput_verdict(interval),
+            "implied_by_heads": round(implied, 4),
+            "met_by_heads": implied >= THROUGHPUT_TARGET,
         }
     for key, result in memory.items():
         ratios = {

@@ -34,7 +34,7 @@ def test_data_pipeline(tmp_path):
 def test_end_to_end(tmp_path):
     result = run_benchmark(
         "bench_end_to_end.py", "--size", "tiny", "--images", "30", "--batch_size", "4", "--steps", "8",
-        "--bare_steps", "1", "--keep", str(tmp_path / "work"),
+        "--bare_steps", "1", "--workers", "0", "--keep", str(tmp_path / "work"),
     )
     check_hardware(result)
     tiny = result["sizes"]["tiny"]
