@@ -221,14 +221,18 @@ def _fix_articles(text: str) -> str:
 
 
 def demo_model_and_processor(
-    dataset: DatasetDict | Dataset, seed: int = 0, max_seq_length: int = DEMO_TRAINING_DEFAULTS["max_seq_length"]
+    dataset: DatasetDict | Dataset,
+    seed: int = 0,
+    max_seq_length: int = DEMO_TRAINING_DEFAULTS["max_seq_length"],
+    projection_type: str = "ndlinear",
 ) -> tuple[NdClipModel, NdClipProcessor]:
     """A freshly initialised tiny NdCLIP and its processor for the demo data.
 
     The tokenizer is a WordPiece trained on the training captions and the zero-shot prompts (a closed vocabulary
     of about 30 words, so validation captions have no [UNK] either). The towers (`DEMO_TOWER_SIZES`) train in a
     minute or two on two CPU cores: ViT image 32 / patch 8 (16 patches) / hidden 64 / 2 layers, DistilBERT dim 64 /
-    2 layers, NdLinear heads 8 x 8 -> 8 x 8, and the logit scale starts at `DEMO_LOGIT_SCALE_INIT`.
+    2 layers, NdLinear heads 8 x 8 -> 8 x 8 (or linear ones with `projection_type="linear"`, for the head
+    comparison of benchmarks/bench_heads.py), and the logit scale starts at `DEMO_LOGIT_SCALE_INIT`.
     The image size is read from the data set, the weights are initialised from `seed`.
     """
     train = dataset["train"] if isinstance(dataset, DatasetDict) else dataset
@@ -246,6 +250,7 @@ def demo_model_and_processor(
         tiny_vision_config(image_size, sizes["patch_size"], sizes["vision_hidden_size"], sizes["vision_layers"]),
         text_config,
         projection_dim=sizes["projection_dim"],
+        projection_type=projection_type,
         logit_scale_init_value=math.log(DEMO_LOGIT_SCALE_INIT),
     )
     torch.manual_seed(seed)  # the same seed gives the same initial weights

@@ -183,7 +183,7 @@ def _build_model_and_processor(args, demo_dataset=None) -> tuple[NdClipModel, Nd
     if demo_dataset is not None:
         from demo_data import demo_model_and_processor
 
-        return demo_model_and_processor(demo_dataset, seed=args.seed)
+        return demo_model_and_processor(demo_dataset, seed=args.seed, projection_type=args.projection_type)
     if args.model_name_or_path:
         return NdClipModel.from_pretrained(args.model_name_or_path), NdClipProcessor.from_pretrained(
             args.model_name_or_path

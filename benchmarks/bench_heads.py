@@ -10,17 +10,26 @@ fastest samples, `_by_min`: on a shared machine other work only adds time). `ndl
 package's maths applied without its per-axis transposed copies (benchmarks/common.py), checked equal to it first.
 `macs_per_sample` counts the multiply-adds of one forward of one head for one example.
 
-Retrieval quality after the same training budget (R@1/R@5 on the demo data) is not measured here; it belongs to
-`run_clip.py`.
+Retrieval quality after the same training budget: `run_clip.py --preset demo --projection_type ndlinear|linear
+--seed S` in a subprocess for each head type and each of `--quality_seeds` (the offline demo: generated shapes,
+tiny towers, the demo's full budget of 20 epochs unless `--quality_steps`; the same seed gives both runs the same
+data, captions and crops), then its `eval_results.json` on the 200 held-out images: image->text and text->image
+R@1 / R@5 and the zero-shot accuracy, beside the heads' parameter count in that model. A run takes about 2.5
+minutes on 2 CPU cores; `--no_quality` skips them.
 
     python benchmarks/bench_heads.py
-    python benchmarks/bench_heads.py --device cuda --batch_size 4096
+    python benchmarks/bench_heads.py --quality_seeds 0,1
+    python benchmarks/bench_heads.py --device cuda --batch_size 4096 --no_quality
 """
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -45,11 +54,14 @@ from common import (
 from torch import nn
 
 from configuration_ndclip import NdClipConfig, tower_width
-from modeling_ndclip import NdClipProjection
+from modeling_ndclip import NdClipModel, NdClipProjection
 from tiny_towers import tiny_config
 
 SIZES = ("tiny", "real")
 HEAD_TYPES = ("ndlinear", "linear")
+RUN_CLIP = BENCHMARKS.parent / "run_clip.py"
+QUALITY_KEYS = ("image_to_text_recall@1", "image_to_text_recall@5", "text_to_image_recall@1",
+                "text_to_image_recall@5", "zero_shot_accuracy")
 
 
 def parse_args(argv=None):
@@ -60,8 +72,13 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=30, help="timed samples per candidate")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
     parser.add_argument("--repeats", type=int, default=10, help="calls averaged in one timed sample")
+    parser.add_argument("--quality_seeds", default="0", help="seeds of the demo runs per head type, e.g. 0,1")
+    parser.add_argument("--quality_steps", type=int, help="--max_train_steps of the demo runs (default: the demo's)")
+    parser.add_argument("--no_quality", action="store_true", help="skip the demo training runs")
     add_common_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.quality_seeds = [int(seed) for seed in args.quality_seeds.split(",") if seed.strip()]
+    return args
 
 
 def build_config(size: str) -> NdClipConfig:
@@ -137,6 +154,46 @@ def measure_head_steps(args, size: str, dtype: str) -> dict:
     }
 
 
+def train_demo(projection_type: str, seed: int, steps: int | None, output_dir: Path, threads: int | None) -> dict:
+    """`run_clip.py --preset demo` with this head type and seed; its held-out metrics and the heads' parameters."""
+    command = [sys.executable, str(RUN_CLIP), "--preset", "demo", "--projection_type", projection_type,
+               "--seed", str(seed), "--output_dir", str(output_dir)]
+    if steps:
+        command += ["--max_train_steps", str(steps)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "MPLCONFIGDIR": str(output_dir.parent / "matplotlib")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=RUN_CLIP.parent, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    counts = NdClipModel.from_pretrained(output_dir).head_parameter_counts()
+    return {
+        "wall_s": time.perf_counter() - started,
+        "steps": results["step"],
+        "head_parameters": counts["visual_projection"] + counts["text_projection"],
+        **{key: results[key] for key in QUALITY_KEYS},
+    }
+
+
+def measure_quality(args) -> dict:
+    """Both head types trained on the demo data with the same budget and seeds; the mean over seeds per metric."""
+    runs = {kind: {} for kind in HEAD_TYPES}
+    with tempfile.TemporaryDirectory(prefix="bench_heads_demo_") as tmp:
+        for seed in args.quality_seeds:
+            for kind in HEAD_TYPES:
+                output_dir = Path(tmp) / f"{kind}_seed{seed}"
+                runs[kind][f"seed{seed}"] = train_demo(kind, seed, args.quality_steps, output_dir, args.threads)
+    table = {
+        kind: {key: statistics.mean(run[key] for run in by_seed.values()) for key in ("head_parameters", *QUALITY_KEYS)}
+        for kind, by_seed in runs.items()
+    }
+    return {"seeds": args.quality_seeds, "max_train_steps": args.quality_steps or "the demo's", "runs": runs,
+            "table": table}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_torch(args)
@@ -145,6 +202,8 @@ def main(argv=None) -> None:
         result["heads"][size] = describe_heads(size, args.device)
         for dtype in args.dtype:
             result["step_time"][f"{size}/{dtype}"] = measure_head_steps(args, size, dtype)
+    if not args.no_quality:
+        result["quality_on_demo"] = measure_quality(args)
     emit(finish(result), args.output)
 
 

@@ -73,7 +73,8 @@ def test_train_step_memory():
 
 def test_heads():
     result = run_benchmark(
-        "bench_heads.py", *"--size tiny --dtype fp32 --batch_size 8 --steps 2 --warmup 1 --repeats 1".split()
+        "bench_heads.py",
+        *"--size tiny --dtype fp32 --batch_size 8 --steps 2 --warmup 1 --repeats 1 --quality_steps 2".split(),
     )
     check_hardware(result)
     heads = result["heads"]["tiny"]
@@ -86,6 +87,16 @@ def test_heads():
     for key in ("ndlinear_vs_linear_time", "without_copies_vs_ndlinear_speed"):
         assert positive(run[key]) and positive(run[key + "_by_min"]), key
     assert 0 <= run["without_copies_max_rel_diff"] < 1e-4
+    quality = result["quality_on_demo"]
+    assert quality["seeds"] == [0] and quality["max_train_steps"] == 2
+    for kind in ("ndlinear", "linear"):
+        run = quality["runs"][kind]["seed0"]
+        assert run["steps"] == 2 and positive(run["wall_s"])
+        for key in ("image_to_text_recall@1", "image_to_text_recall@5", "zero_shot_accuracy"):
+            assert 0 <= quality["table"][kind][key] <= 1
+    # The demo's 64-wide towers: NdLinear heads 8 x 8 -> 8 x 8 (2 x (8x8 + 8 + 8x8 + 8) = 288) against 2 x (64 x 64 + 64).
+    assert quality["table"]["ndlinear"]["head_parameters"] == 288
+    assert quality["table"]["linear"]["head_parameters"] == 2 * (64 * 64 + 64)
 
 
 def test_eval():
