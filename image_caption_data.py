@@ -581,8 +581,9 @@ class DecodeImage:
     Encoded images ({"bytes", "path"}, rows of `without_image_decoding(...)`) are opened here. With `draft_size`
     (width, height) a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale that is still at least that large
     (`PIL.Image.draft`, libjpeg's DCT scaling): the decoder then skips most of the work of a full-size decode and
-    the resize that follows has fewer pixels to read (500x375 Flickr8k photos for a 30 px model: 2x faster per image,
-    `benchmarks/bench_data_pipeline.py`). Other formats ignore the draft. Decoded PIL images pass through unchanged.
+    the resize that follows has fewer pixels to read (500x375 photos for a 30 px model: about half the time per
+    image; `benchmarks/bench_data_pipeline.py` measures the loader). Other formats ignore the draft. Decoded PIL
+    images pass through unchanged.
     """
 
     def __init__(self, draft_size: tuple[int, int] | None = None):

@@ -55,10 +55,10 @@ from retrieval_metrics import chunked_contrastive_loss, retrieval_metrics, zero_
 logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
+TRAINING_STATE_FILE = "training_state.json"
 MAX_DEFAULT_DATALOADER_WORKERS = 8
 # torch.compile backends that accelerate's TorchDynamoPlugin takes and that need nothing beyond torch.
 COMPILE_BACKENDS = ["inductor", "aot_eager", "eager", "cudagraphs"]
-TRAINING_STATE_FILE = "training_state.json"
 
 
 # ----- arguments ----------------------------------------------------------------------------------------------------
