@@ -74,6 +74,7 @@ from transformers import ViTImageProcessor
 from configuration_ndclip import NdClipConfig
 from image_caption_data import (
     CaptionCollator,
+    _read_kaggle_captions,
     load_image_caption_dataset,
     train_image_transform,
     without_image_decoding,
@@ -149,11 +150,9 @@ def write_flickr8k_like(folder, count: int, size=PHOTO_SIZE, portrait_every: int
 
 
 def read_captions(data_dir) -> list[str]:
-    """Every caption of a Kaggle-layout folder (to train the tokenizer on)."""
-    import csv
-
-    with open(Path(data_dir) / "captions.txt", newline="", encoding="utf-8") as file:
-        return [row[1] for row in list(csv.reader(file))[1:] if row]
+    """Every caption of a Kaggle-layout folder (to train the tokenizer on), grouped by image."""
+    by_image = _read_kaggle_captions(Path(data_dir) / "captions.txt")
+    return [caption for captions in by_image.values() for caption in captions]
 
 
 def image_processor_for(size: str) -> ViTImageProcessor:

@@ -29,7 +29,6 @@ ones against short ones), which can change what the model learns.
 """
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -46,6 +45,7 @@ from flickr8k_layouts import captions_of
 from transformers import AutoTokenizer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from image_caption_data import _read_flickr8k_tokens, _read_kaggle_captions
 from tiny_towers import train_wordpiece_tokenizer
 
 MAX_SEQ_LENGTH = 64  # run_clip.py's default --max_seq_length
@@ -70,14 +70,19 @@ def parse_args(argv=None):
 
 
 def read_captions(path: str | None, images: int) -> list[str]:
+    """The captions of `path`, read by the data layer's own Flickr8k readers (which name the file and line of a
+    malformed entry), or of `images` generated images."""
     if path is None:
         return [caption for number in range(images) for caption in captions_of(number)]
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    if lines and lines[0].strip().lower() == "image,caption":  # Kaggle's captions.txt
-        return [row["caption"] for row in csv.DictReader(lines)]
-    if lines and "#" in lines[0].split("\t")[0]:  # Flickr8k.token.txt: "<image>#<n>\t<caption>"
-        return [line.split("\t", 1)[1] for line in lines if "\t" in line]
-    return [line.strip() for line in lines if line.strip()]
+    with open(path, encoding="utf-8") as file:
+        first_line = file.readline()
+    if first_line.strip().lower() == "image,caption":  # Kaggle's captions.txt
+        by_image = _read_kaggle_captions(path)
+    elif "#" in first_line.split("\t")[0]:  # Flickr8k.token.txt: "<image>#<n>\t<caption>"
+        by_image = _read_flickr8k_tokens(path)
+    else:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [caption for captions in by_image.values() for caption in captions]
 
 
 def token_lengths(captions: list[str], tokenizer) -> list[int]:
