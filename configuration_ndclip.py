@@ -70,7 +70,10 @@ class NdClipConfig(PreTrainedConfig):
             Same as `vision_input_grid`, for the text tower.
         projection_grid (`list[int]`, *optional*):
             The grid of the shared embedding, e.g. `[16, 16]` for 256. Its product must equal `projection_dim` and it
-            must have as many axes as the input grids. Defaults to the most square two-factor grid.
+            must have as many axes as the input grids. Defaults to the most square two-factor grid. `config.json`
+            stores the resolved grid, so a new `projection_dim` for a saved model needs `projection_grid` too (`None`
+            for the default): `from_pretrained(path, projection_dim=36, projection_grid=None,
+            ignore_mismatched_sizes=True)`.
         vision_pooling (`str`, *optional*, defaults to `"cls"`):
             How one image vector is taken from the tower's `last_hidden_state`: `"cls"` (first token) or `"mean"`
             (mean over all tokens). NdCLIP pools itself because `google/vit-base-patch16-224`'s pooler is untrained;
@@ -83,7 +86,9 @@ class NdClipConfig(PreTrainedConfig):
         logit_scale_max_value (`float`, *optional*, defaults to ln(100) = 4.6052):
             `logit_scale` is clamped to this value when used, so logits never exceed 100 x cosine similarity.
         initializer_factor (`float`, *optional*, defaults to 1.0):
-            Multiplies the standard deviation used to initialise the projection heads (1.0: `width ** -0.5`).
+            Multiplies the standard deviation used to initialise the projection heads: each of a head's linear layers
+            (one per grid axis for NdLinear) is initialised normal with std `in_features ** -0.5 * initializer_factor`
+            and a zero bias.
 
     Example:
 
@@ -117,12 +122,20 @@ class NdClipConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        self.check_head_fields()
+
+    def check_head_fields(self) -> None:
+        """Check the head and pooling choices, fill in the default grids and check that they fit `projection_dim`
+        and the tower widths.
+
+        The model calls this again before it builds its heads: `from_pretrained(..., projection_dim=...)` sets fields
+        after the config is built, and a grid stored for the old size must not silently keep the old head.
+        """
         self._check_choice("projection_type", self.projection_type, PROJECTION_TYPES)
         self._check_choice("vision_pooling", self.vision_pooling, POOLING_TYPES)
         self._check_choice("text_pooling", self.text_pooling, POOLING_TYPES)
         if not isinstance(self.projection_dim, int) or self.projection_dim < 1:
             raise ValueError(f"`projection_dim` must be a positive integer, got {self.projection_dim!r}")
-
         self.projection_grid = self._resolve_grid("projection_grid", self.projection_grid, self.projection_dim)
         self.vision_input_grid = self._resolve_grid(
             "vision_input_grid", self.vision_input_grid, tower_width(self.vision_config)

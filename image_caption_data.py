@@ -13,6 +13,7 @@ an `imagefolder` with captions in its metadata, and the two common local Flickr8
 `datasets` library, so the expensive steps (decoding every image once to find the broken ones) are cached.
 """
 
+import codecs
 import csv
 import io
 import logging
@@ -25,6 +26,7 @@ from functools import partial
 
 import numpy as np
 import PIL.Image
+import pyarrow as pa
 import torch
 from datasets import (
     ClassLabel,
@@ -55,12 +57,15 @@ SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"
 DATA_FILE_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
 CAPTIONS_FEATURE = List(Value("string"))
 EXAMPLES_IN_LOG = 5  # offending names shown per reason
+# PIL's greyscale modes with more than 8 bits per pixel (16-bit PNG and TIFF, 32-bit and float TIFF).
+HIGH_BIT_DEPTH_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 # Reasons a row is dropped, as counted by `drop_unusable_samples`.
 MISSING_FILE = "missing_file"
 NOT_AN_IMAGE = "not_an_image"
 CORRUPT_IMAGE = "corrupt_image"
 NO_CAPTION = "no_caption"
+OUTSIDE_DATA_FOLDER = "outside_data_folder"
 
 # The original Flickr8k release; its image folder is spelled "Flicker8k_Dataset" in the official zip.
 FLICKR8K_IMAGE_DIRS = ("Flickr8k_Dataset", "Flicker8k_Dataset")
@@ -110,9 +115,10 @@ def load_image_caption_dataset(
 
     Official splits are kept; without a validation split, "train" is split by image with `seed` and
     `validation_fraction`, so the captions of one image never straddle train and validation. Unusable rows are
-    dropped from every split (see `drop_unusable_samples`); the returned DatasetDict carries their counts as the
-    attribute `dropped_samples`: {split name: Counter(reason -> number of images)}, read it before any `.map`
-    (which returns a new DatasetDict without it).
+    dropped from every split (see `drop_unusable_samples`), among them images read from a file outside the data
+    folder (`data_dir`, or the folder of the split's `train_file` / `validation_file`); the returned DatasetDict
+    carries their counts as the attribute `dropped_samples`: {split name: Counter(reason -> number of images)}, read
+    it before any `.map` (which returns a new DatasetDict without it).
     """
     splits = _load_normalised_splits(
         dataset_name, dataset_config_name, data_dir, train_file, validation_file, image_column, caption_column,
@@ -120,7 +126,10 @@ def load_image_caption_dataset(
     )
     usable, dropped_samples = {}, {}
     for split_name, split in splits.items():
-        usable[split_name], dropped_samples[split_name] = drop_unusable_samples(split, split_name, num_proc=num_proc)
+        data_folder = _data_folder(split_name, data_dir, train_file, validation_file)
+        usable[split_name], dropped_samples[split_name] = drop_unusable_samples(
+            split, split_name, num_proc=num_proc, data_folder=data_folder
+        )
     if "train" not in usable:
         raise ValueError(f"The data has no 'train' split to train on, only {list(usable)}")
     if "validation" not in usable:
@@ -141,7 +150,7 @@ def _load_normalised_splits(
             return _load_kaggle_flickr8k(data_dir, cache_dir)
         if _find_flickr8k_token_file(data_dir) is not None:
             return _load_original_flickr8k(data_dir, cache_dir)
-        raw = load_dataset("imagefolder", data_dir=data_dir, cache_dir=cache_dir, num_proc=num_proc)
+        raw = _load_imagefolder(data_dir, cache_dir, num_proc)
         return _normalise_splits(raw, image_column, caption_column, data_dir, data_dir, cache_dir, num_proc)
     if train_file is not None:
         files = {"train": train_file, "validation": validation_file}
@@ -161,6 +170,15 @@ def _load_normalised_splits(
     raise ValueError("Give a `dataset_name`, a `data_dir`, or a `train_file` to load image-caption data from")
 
 
+def _data_folder(split_name, data_dir, train_file, validation_file) -> str | None:
+    """The folder a split's image files must lie in: `data_dir`, or the folder of the split's data file (whose image
+    paths are relative to it). None for a Hub dataset, whose files are wherever `datasets` stored them."""
+    if data_dir is not None:
+        return data_dir
+    data_file = {"train": train_file, "validation": validation_file}.get(split_name)
+    return os.path.dirname(os.path.abspath(data_file)) if data_file is not None else None
+
+
 def _load_hub_dataset(dataset_name, dataset_config_name, cache_dir, num_proc) -> DatasetDict:
     """`load_dataset` with one clear error instead of a long traceback when the Hub cannot be reached."""
     try:
@@ -175,15 +193,48 @@ def _load_hub_dataset(dataset_name, dataset_config_name, cache_dir, num_proc) ->
 
 
 def _load_data_file(path, cache_dir) -> Dataset:
-    """One local csv/json/parquet file as a Dataset; a file that does not parse is a ValueError naming it."""
+    """One local csv/json/parquet file as a Dataset; a file that does not parse, or a csv/json file that is not
+    UTF-8, is a ValueError naming it (and the line, where the parser or `_read_utf8_text` finds it)."""
     extension = os.path.splitext(path)[1].lstrip(".").lower()
     if extension not in DATA_FILE_BUILDERS:
         raise ValueError(f"{path}: unsupported data file type '.{extension}'; use one of {sorted(DATA_FILE_BUILDERS)}")
+    builder = DATA_FILE_BUILDERS[extension]
     try:
-        return load_dataset(DATA_FILE_BUILDERS[extension], data_files=path, split="train", cache_dir=cache_dir)
-    except DatasetGenerationError as error:
+        dataset = load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+        if builder == "json":
+            # pyarrow's json reader stores bytes that are not UTF-8 in string columns unchecked: reading them later
+            # would raise a UnicodeDecodeError that names nothing.
+            dataset.data.validate(full=True)
+        return dataset
+    except (DatasetGenerationError, pa.ArrowInvalid) as error:
+        cause = error.__cause__ or error
+        if builder != "parquet" and isinstance(cause, (UnicodeDecodeError, pa.ArrowInvalid)):
+            _read_utf8_text(path)  # raises the error that names the line and byte, when the file is not UTF-8
         # The parser's own message (e.g. pandas' "Expected 2 fields in line 3, saw 3") names the line.
-        raise ValueError(f"{path}: could not be read as {extension}: {error.__cause__ or error}") from error
+        raise ValueError(f"{path}: could not be read as {extension}: {cause}") from error
+
+
+def _load_imagefolder(data_dir, cache_dir, num_proc) -> DatasetDict:
+    """`load_dataset("imagefolder")`, with its errors turned into ValueErrors naming the folder or file: a metadata
+    file that is not UTF-8 (pandas' UnicodeDecodeError names no file), and a metadata `file_name` outside the folder
+    (datasets refuses the whole folder, under a "DatasetGenerationError" traceback)."""
+    try:
+        return load_dataset("imagefolder", data_dir=data_dir, cache_dir=cache_dir, num_proc=num_proc)
+    except (UnicodeDecodeError, DatasetGenerationError) as error:
+        cause = error.__cause__ or error
+        if isinstance(cause, UnicodeDecodeError):
+            for path in _text_metadata_files(data_dir):
+                _read_utf8_text(path)  # raises the error that names the file, line and byte
+        raise ValueError(f"{data_dir}: could not be read as an imagefolder: {cause}") from error
+
+
+def _text_metadata_files(data_dir) -> list[str]:
+    return [
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(data_dir)
+        for name in names
+        if name in ("metadata.csv", "metadata.jsonl")
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -221,9 +272,9 @@ def _find_image_column(features: Features, image_column, source) -> str:
     if image_column is not None:
         if image_column not in features:
             raise ValueError(f"{source}: no image column '{image_column}'; columns are {list(features)}")
-        return image_column
+        return _checked_image_column(features, image_column, source)
     if "image" in features:
-        return "image"
+        return _checked_image_column(features, "image", source)
     image_columns = [name for name, feature in features.items() if _is_image(feature)]
     path_columns = [name for name in IMAGE_PATH_COLUMN_CANDIDATES if _is_string(features.get(name))]
     if not image_columns + path_columns:
@@ -231,22 +282,36 @@ def _find_image_column(features: Features, image_column, source) -> str:
     return (image_columns + path_columns)[0]
 
 
+def _checked_image_column(features: Features, name, source) -> str:
+    """`name`, if its column holds images (`datasets.Image`, {"bytes", "path"} structs, raw bytes) or file paths;
+    another type is a ValueError naming it, where the cast to `Image` would fail deep inside pyarrow."""
+    feature = features[name]
+    if not (_is_image(feature) or _is_string(feature) or _is_binary(feature)):
+        raise ValueError(
+            f"{source}: the image column '{name}' holds {_type_name(feature)}, not images (encoded image bytes, or "
+            "image file paths as strings); pass `image_column`"
+        )
+    return name
+
+
 def _find_caption_columns(features: Features, caption_column, image_column, source) -> list[str]:
     """The column(s) holding captions: numbered string columns (caption_0..N), a list column, or a string column."""
     if caption_column is not None:
         if caption_column in features:
-            return [caption_column]
+            return _checked_caption_columns(features, [caption_column], source)
         numbered = _numbered_caption_columns(features, prefix=caption_column)
         if not numbered:
             raise ValueError(f"{source}: no caption column '{caption_column}'; columns are {list(features)}")
-        return numbered
+        return _checked_caption_columns(features, numbered, source)
     numbered = _numbered_caption_columns(features)
     if numbered:
-        return numbered
+        return _checked_caption_columns(features, numbered, source)
     candidates = [name for name in CAPTION_COLUMN_CANDIDATES if name in features and name != image_column]
     for name in candidates:
         if _is_string_list(features[name]) or _is_string(features[name]):
             return [name]
+    if candidates:  # a caption column by its name, of another type
+        return _checked_caption_columns(features, candidates[:1], source)
     raise ValueError(
         f"{source}: no caption column found among {list(features)} (looked for caption_0..N and "
         f"{', '.join(CAPTION_COLUMN_CANDIDATES)}); pass `caption_column`"
@@ -256,7 +321,21 @@ def _find_caption_columns(features: Features, caption_column, image_column, sour
 def _numbered_caption_columns(features: Features, prefix=None) -> list[str]:
     pattern = re.compile(rf"^{re.escape(prefix)}_?(\d+)$") if prefix else NUMBERED_CAPTION_COLUMN
     numbered = {int(match.group(1)): name for name in features if (match := pattern.match(name))}
-    return [numbered[number] for number in sorted(numbered) if _is_string(features[numbered[number]])]
+    return [numbered[number] for number in sorted(numbered)]
+
+
+def _checked_caption_columns(features: Features, names: list[str], source) -> list[str]:
+    """`names`, if their columns hold text: strings, lists of strings, or nothing at all (a column of nulls, as json
+    gives for a caption no row has); another type is a ValueError naming the column and its type, where reading it
+    would fail in the middle of loading (numbers) or silently take a struct's field names as captions."""
+    for name in names:
+        feature = features[name]
+        if not (_is_string(feature) or _is_string_list(feature) or _is_null(feature)):
+            raise ValueError(
+                f"{source}: the caption column '{name}' holds {_type_name(feature)}, not text (strings or lists of "
+                "strings); pass `caption_column`"
+            )
+    return names
 
 
 def _is_image(feature) -> bool:
@@ -270,6 +349,25 @@ def _is_string(feature) -> bool:
 
 def _is_string_list(feature) -> bool:
     return isinstance(feature, (Sequence, LargeList)) and _is_string(feature.feature)
+
+
+def _is_binary(feature) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("binary", "large_binary")
+
+
+def _is_null(feature) -> bool:
+    return isinstance(feature, Value) and feature.dtype == "null"
+
+
+def _type_name(feature) -> str:
+    """A column's type in words for error messages: "int64", "lists of int64", "structs {raw, tokens}"."""
+    if isinstance(feature, Value):
+        return feature.dtype
+    if isinstance(feature, (Sequence, LargeList)):
+        return f"lists of {_type_name(feature.feature)}"
+    if isinstance(feature, dict):
+        return f"structs {{{', '.join(feature)}}}"
+    return type(feature).__name__
 
 
 def _gather_captions(*caption_columns) -> dict:
@@ -362,21 +460,72 @@ def _load_kaggle_flickr8k(data_dir, cache_dir) -> dict[str, Dataset]:
 def _read_kaggle_captions(path) -> dict[str, list[str]]:
     """{image file name: captions} from a Kaggle-style captions.txt, a real csv: captions with commas are quoted."""
     captions = defaultdict(list)
-    with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.reader(file)
-        header = next(reader, None)
-        if header is None or [name.strip() for name in header] != ["image", "caption"]:
-            raise ValueError(f"{path}, line 1: expected the header 'image,caption', found {header}")
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != 2:
-                raise ValueError(
-                    f"{path}, line {reader.line_num}: expected 2 fields (image,caption), found {len(row)}: {row}; "
-                    "captions containing commas must be quoted"
-                )
-            captions[row[0].strip()].append(row[1])
+    records = _kaggle_caption_records(path)
+    _, header = next(records, (1, None))
+    if header is None or [name.strip() for name in header] != ["image", "caption"]:
+        raise ValueError(f"{path}, line 1: expected the header 'image,caption', found {header}")
+    for line, row in records:
+        if not row:
+            continue
+        if len(row) != 2:
+            raise ValueError(
+                f"{path}, line {line}: expected 2 fields (image,caption), found {len(row)}: {row}; "
+                "captions containing commas must be quoted"
+            )
+        captions[row[0].strip()].append(row[1])
     return captions
+
+
+def _kaggle_caption_records(path):
+    """(line number, fields) of each csv record of a captions.txt.
+
+    A caption never spans lines in this format, so a record that does is a quote left open: csv would read every
+    line up to the next quote (or the end of the file) into one caption. That, and what `strict` csv rejects (text
+    after a closing quote), is a ValueError naming the line where the record starts, which is where the quote opens.
+    """
+    reader = csv.reader(_open_utf8_text(path, newline=""), strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            if reader.line_num > start:
+                raise _unclosed_quote_error(path, start, reader.line_num) from None
+            message = f"{path}, line {start}: {error}; a quote inside a quoted caption must be doubled"
+            raise ValueError(message) from None
+        if reader.line_num > start:
+            raise _unclosed_quote_error(path, start, reader.line_num)
+        yield start, row
+
+
+def _unclosed_quote_error(path, start, end) -> ValueError:
+    return ValueError(
+        f"{path}, line {start}: a quote opens here and is not closed on this line (csv would read lines {start}-{end} "
+        "as one caption); close the quote, or double a quote that belongs to the caption"
+    )
+
+
+def _open_utf8_text(path, newline=None) -> io.StringIO:
+    """A text file, read whole and decoded (see `_read_utf8_text`), as a file object with `open`'s `newline`."""
+    return io.StringIO(_read_utf8_text(path), newline=newline)
+
+
+def _read_utf8_text(path) -> str:
+    """A text file's contents: UTF-8, with or without the byte order mark that Windows editors write. Other bytes
+    are a ValueError naming the file, line and byte offset, where Python's UnicodeDecodeError names none of them."""
+    with open(path, "rb") as file:
+        data = file.read()
+    body = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = len(data) - len(body) + error.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text (byte {offset}: 0x{data[offset]:02x}); save the file as UTF-8"
+        ) from None
 
 
 def _find_flickr8k_token_file(data_dir):
@@ -423,14 +572,13 @@ def _load_original_flickr8k(data_dir, cache_dir) -> dict[str, Dataset]:
 def _read_flickr8k_tokens(path) -> dict[str, list[str]]:
     """{image file name: captions} from `name.jpg#N<TAB>caption` lines."""
     captions = defaultdict(list)
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            key, tab, caption = line.rstrip("\n").partition("\t")
-            if not tab:
-                raise ValueError(f"{path}, line {line_number}: expected 'image.jpg#N<TAB>caption', found {line!r}")
-            captions[key.rsplit("#", 1)[0].strip()].append(caption)
+    for line_number, line in enumerate(_open_utf8_text(path), start=1):
+        if not line.strip():
+            continue
+        key, tab, caption = line.rstrip("\n").partition("\t")
+        if not tab:
+            raise ValueError(f"{path}, line {line_number}: expected 'image.jpg#N<TAB>caption', found {line!r}")
+        captions[key.rsplit("#", 1)[0].strip()].append(caption)
     return captions
 
 
@@ -448,8 +596,7 @@ def _skip_captions_of_absent_images(captions: dict[str, list[str]], image_dir, t
 
 
 def _read_split_list(path) -> list[str]:
-    with open(path, encoding="utf-8") as file:
-        return [line.strip() for line in file if line.strip()]
+    return [line.strip() for line in _open_utf8_text(path) if line.strip()]
 
 
 def _image_file_features() -> Features:
@@ -461,20 +608,25 @@ def _image_file_features() -> Features:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def drop_unusable_samples(dataset: Dataset, split_name: str, num_proc=None) -> tuple[Dataset, Counter]:
+def drop_unusable_samples(
+    dataset: Dataset, split_name: str, num_proc=None, data_folder: str | None = None
+) -> tuple[Dataset, Counter]:
     """Drop the rows that cannot be trained on, and count them.
 
     Returns `(usable, dropped)`: the dataset without those rows (and without empty strings inside caption lists),
     and a `collections.Counter` {reason: number of rows} with the reasons "missing_file", "not_an_image",
-    "corrupt_image" (also truncated files) and "no_caption". Each image is decoded once with PIL (truncated images
-    fail, as `ImageFile.LOAD_TRUNCATED_IMAGES` is False), through `datasets` on an undecoded view, so the check is
-    cached and runs on `num_proc` processes. Grayscale, RGBA, CMYK and palette images are kept: the transforms
-    convert them to RGB. Raises ValueError when nothing usable remains.
+    "corrupt_image" (also truncated files), "no_caption" and, with `data_folder`, "outside_data_folder": an image
+    read from a file (not inline bytes) whose path, once `..` is resolved, lies outside `data_folder`; it is never
+    opened, so a captions file cannot make training read files from elsewhere on the disk. Symlinks are not
+    resolved: an image folder that the user linked into the data folder belongs to it. Each image is decoded once
+    with PIL (truncated images fail, as `ImageFile.LOAD_TRUNCATED_IMAGES` is False), through `datasets` on an
+    undecoded view, so the check is cached and runs on `num_proc` processes. Grayscale, RGBA, CMYK, palette and
+    16-bit images are kept: the transforms convert them to RGB. Raises ValueError when nothing usable remains.
     """
     view = dataset.cast_column("image", Image(decode=False))
     # A filter predicate cannot report why it rejects a row, so a map computes the reason and a filter applies it.
     checks = _computed_columns(
-        view, _check_samples, ["image", "captions"],
+        view, partial(_check_samples, data_folder=data_folder), ["image", "captions"],
         Features({"captions": CAPTIONS_FEATURE, "unusable_reason": Value("string")}), num_proc,
         desc=f"Checking {split_name} images",
     )
@@ -494,17 +646,19 @@ def drop_unusable_samples(dataset: Dataset, split_name: str, num_proc=None) -> t
     return usable.remove_columns("unusable_reason"), dropped
 
 
-def _check_samples(images, captions) -> dict:
+def _check_samples(images, captions, data_folder=None) -> dict:
     """Batched: the captions without empty strings, and why each row is unusable ("" when it is usable)."""
     cleaned = [[text.strip() for text in texts or [] if text and text.strip()] for texts in captions]
-    reasons = [_image_problem(image) if texts else NO_CAPTION for image, texts in zip(images, cleaned)]
+    reasons = [_image_problem(image, data_folder) if texts else NO_CAPTION for image, texts in zip(images, cleaned)]
     return {"captions": cleaned, "unusable_reason": reasons}
 
 
-def _image_problem(image) -> str:
+def _image_problem(image, data_folder=None) -> str:
     """Why an undecoded image ({"bytes", "path"}) cannot be used, or "" if it decodes."""
     if image is None or (image["bytes"] is None and not image["path"]):
         return MISSING_FILE
+    if image["bytes"] is None and data_folder is not None and not _is_inside(image["path"], data_folder):
+        return OUTSIDE_DATA_FOLDER
     source = _encoded_image_source(image)
     load_truncated_images = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail here, not be padded with grey in training
@@ -520,6 +674,13 @@ def _image_problem(image) -> str:
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = load_truncated_images
     return ""
+
+
+def _is_inside(path, folder) -> bool:
+    """Whether `path` (a relative one from the working directory, as PIL opens it) lies under `folder`, by its
+    spelling: `..` and absolute paths are resolved, symlinks are not."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def _encoded_image_source(image: dict):
@@ -539,13 +700,17 @@ def _describe_dropped(view: Dataset, reasons: list[str], dropped: Counter) -> st
             rows[reason].append(row)
     parts = []
     for reason, count in dropped.most_common():
-        names = [_image_name(image, row) for image, row in zip(view.select(rows[reason])["image"][:], rows[reason])]
+        images = view.select(rows[reason])["image"][:]
+        names = [_image_name(image, row, reason) for image, row in zip(images, rows[reason])]
         parts.append(f"{count} {reason} ({', '.join(names)}{', ...' if count > len(names) else ''})")
     return ", ".join(parts)
 
 
-def _image_name(image, row) -> str:
-    return os.path.basename(image["path"]) if image and image["path"] else f"row {row}"
+def _image_name(image, row, reason) -> str:
+    if not (image and image["path"]):
+        return f"row {row}"
+    # A file outside the data folder is named in full: its file name alone would not say where it is.
+    return os.path.abspath(image["path"]) if reason == OUTSIDE_DATA_FOLDER else os.path.basename(image["path"])
 
 
 def _split_by_image(dataset: Dataset, validation_fraction, seed) -> tuple[Dataset, Dataset]:
@@ -594,7 +759,7 @@ class DecodeImage:
             return image
         picture = PIL.Image.open(_encoded_image_source(image))
         if self.draft_size:
-            picture.draft(None, self.draft_size)  # mode None: keep the colour mode, `_to_rgb` converts it next
+            picture.draft(None, self.draft_size)  # mode None: keep the colour mode, `to_rgb_array` converts it next
         picture.load()
         return picture
 
@@ -616,7 +781,7 @@ def train_image_transform(image_processor) -> v2.Compose:
     return v2.Compose(
         [
             DecodeImage(draft_size=(2 * size[1], 2 * size[0])),
-            v2.Lambda(_to_rgb),
+            v2.Lambda(to_rgb_array),
             v2.ToImage(),
             v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), interpolation=interpolation),
             *_to_normalised_float(image_processor),
@@ -632,7 +797,7 @@ def eval_image_transform(image_processor) -> v2.Compose:
     return v2.Compose(
         [
             DecodeImage(),
-            v2.Lambda(_to_rgb),
+            v2.Lambda(to_rgb_array),
             v2.ToImage(),
             v2.Resize(resize, interpolation=interpolation),
             v2.CenterCrop(size),
@@ -667,9 +832,43 @@ def _to_normalised_float(image_processor) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
 
-def _to_rgb(image):
-    """RGB, with transparency composited onto white, exactly as the image processors' `do_convert_rgb` does."""
+def to_rgb_array(image: PIL.Image.Image) -> np.ndarray:
+    """An image's pixels as RGB, uint8 [H, W, 3]: what training, evaluation and the tools (`ndclip_inference`) feed
+    the model.
+
+    Transparency is composited onto white, exactly as the image processors' `do_convert_rgb` does. High-bit-depth
+    greyscale is first scaled to 8 bits (`_to_8_bit_grey`): PIL's own conversion clips it at 255, which turns a
+    16-bit photo almost entirely white. Every other image gives exactly what the image processor gives.
+    """
+    if image.mode in HIGH_BIT_DEPTH_GREY_MODES:
+        image = _to_8_bit_grey(image)
     return convert_to_rgb(image, return_numpy=True)
+
+
+def _to_8_bit_grey(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A greyscale image of 16-bit ("I;16*"), 32-bit integer ("I") or float ("F") pixels as an 8-bit "L" image.
+
+    16-bit pixels are divided by 257, the inverse of how 8-bit values are widened to 16 bits (255 -> 65535). "I" and
+    "F" say nothing about the range their values use, so it is read from the values: floats within [0, 1] are scaled
+    by 255; values within [0, 255] are taken as 8-bit, within [0, 65535] as 16-bit (PIL gave 16-bit PNGs as "I"
+    before it had "I;16"); any other range (negative values, 32-bit data) is stretched linearly from its minimum to
+    0 and its maximum to 255. Non-finite floats become 0.
+    """
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        scaled = values / 257
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255
+    elif low >= 0 and high <= 255:
+        scaled = values
+    elif low >= 0 and high <= 65535:
+        scaled = values / 257
+    elif high > low:
+        scaled = (values - low) * (255 / (high - low))
+    else:
+        scaled = np.zeros_like(values)
+    return PIL.Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
 
 
 def with_image_transform(dataset: Dataset, image_transform) -> Dataset:

@@ -5,7 +5,9 @@ is pushed to the Hub (`model.push_to_hub` / `processor.push_to_hub` upload it wi
 
 The metadata says how the Hub should show and run the model (library, pipeline, tags, datasets, base models, a
 widget example) and carries the evaluation results of `eval_results.json` as a `model-index`; the body describes
-the model, its heads, its training, its results, how to use it and its limitations.
+the model, its heads, its training, its results, how to use it (with the package versions its code needs) and its
+limitations. The metadata names Hub datasets only: data that is not on the Hub (the demo's, local files) is described
+in the body, and results measured on it stay out of the model-index, as transformers' own cards do.
 """
 
 import argparse
@@ -13,6 +15,7 @@ import json
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from modeling_ndclip import NdClipModel
 
@@ -30,6 +33,9 @@ RETRIEVAL_METRICS = {
 RETRIEVAL_TASK = "image-text-retrieval"
 ZERO_SHOT_TASK = "zero-shot-image-classification"
 TAGS = ["ndlinear", "clip", "custom_code", "vision", "zero-shot-image-classification", "image-text-retrieval"]
+# What the model code stored with the weights imports, as setup.cfg requires it (a test keeps the two equal). A
+# constant rather than `importlib.metadata`: the card is also written from a checkout that was never pip-installed.
+REMOTE_CODE_REQUIREMENTS = ("transformers>=5.24,<6", "torch>=2.4", "ndlinear>=1.0")
 WIDGET = [
     {
         "src": "https://huggingface.co/datasets/mishig/sample_images/resolve/main/cat-dog-music.png",
@@ -39,26 +45,42 @@ WIDGET = [
 ]
 
 
+def is_hub_dataset_id(name: str | None) -> bool:
+    """Whether `name` can name a dataset on the Hub: a valid repo id that is not a local file or folder (which
+    `datasets.load_dataset` would load instead)."""
+    if not name or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def eval_results_to_model_index(eval_results: dict, dataset_name: str | None) -> list[EvalResult]:
-    """`EvalResult`s for the metrics of `eval_results.json` that are present: retrieval on the evaluation split of
-    `dataset_name`, and zero-shot accuracy on `zero_shot_dataset` when it was measured."""
-    dataset = dataset_name or "custom"
-    results = [
-        EvalResult(
-            task_type=RETRIEVAL_TASK,
-            task_name="Image-text retrieval",
-            dataset_type=dataset,
-            dataset_name=dataset,
-            dataset_split=eval_results.get("split"),
-            metric_type=key,
-            metric_name=name,
-            metric_value=eval_results[key],
-        )
-        for key, name in RETRIEVAL_METRICS.items()
-        if eval_results.get(key) is not None
-    ]
-    if eval_results.get("zero_shot_accuracy") is not None:
-        zero_shot_dataset = eval_results.get("zero_shot_dataset") or dataset
+    """`EvalResult`s for the metrics of `eval_results.json` that are present and were measured on Hub datasets:
+    retrieval on the evaluation split of `dataset_name`, and zero-shot accuracy on `zero_shot_dataset`.
+
+    A model-index result names its dataset by Hub id, so results on other data (the demo's, local files) are left
+    out, as transformers' `TrainingSummary` drops results without a dataset; the card's body still reports them."""
+    results = []
+    if dataset_name is not None:
+        results += [
+            EvalResult(
+                task_type=RETRIEVAL_TASK,
+                task_name="Image-text retrieval",
+                dataset_type=dataset_name,
+                dataset_name=dataset_name,
+                dataset_split=eval_results.get("split"),
+                metric_type=key,
+                metric_name=name,
+                metric_value=eval_results[key],
+            )
+            for key, name in RETRIEVAL_METRICS.items()
+            if eval_results.get(key) is not None
+        ]
+    zero_shot_dataset = eval_results.get("zero_shot_dataset")
+    if eval_results.get("zero_shot_accuracy") is not None and is_hub_dataset_id(zero_shot_dataset):
         results.append(
             EvalResult(
                 task_type=ZERO_SHOT_TASK,
@@ -95,6 +117,7 @@ def card_body(
     eval_results: dict | None,
     training_args: dict | None,
     dataset_name: str | None,
+    training_data: str | None,
     base_models: list[str],
 ) -> str:
     config = model.config
@@ -114,9 +137,11 @@ def card_body(
         if base_models
         else (f"a {vision.model_type} image tower and a {text.model_type} text tower")
     )
-    dataset = (
-        f"[{dataset_name}](https://huggingface.co/datasets/{dataset_name})" if dataset_name else "a custom dataset"
-    )
+    requirements = " ".join(f'"{requirement}"' for requirement in REMOTE_CODE_REQUIREMENTS)
+    if dataset_name:
+        dataset = f"[{dataset_name}](https://huggingface.co/datasets/{dataset_name})"
+    else:
+        dataset = training_data or "a custom dataset"
 
     sections = [
         f"# {model_id.split('/')[-1]}",
@@ -148,19 +173,24 @@ def card_body(
         rows = [[name, eval_results[key]] for key, name in RETRIEVAL_METRICS.items() if key in eval_results]
         if eval_results.get("zero_shot_accuracy") is not None:
             where = eval_results.get("zero_shot_dataset") or "the evaluation data"
+            where = where if is_hub_dataset_id(where) else Path(where).name  # not a path of the training machine
             rows.append([f"Zero-shot accuracy ({where})", eval_results["zero_shot_accuracy"]])
         if "eval_loss" in eval_results:
             rows.append(["Contrastive loss", eval_results["eval_loss"]])
         measured = ", ".join(f"{key} {eval_results[key]}" for key in ("split", "step", "epoch") if key in eval_results)
         sections.append(
             f"## Evaluation\n\nRetrieval among the images and captions of the evaluation data ({measured}): R@k is "
-            "the fraction of queries whose match is among the top k results; lower median ranks are better.\n\n"
+            "the expected fraction of queries whose match is among the top k results when candidates scoring exactly "
+            "alike are taken in random order (so ties never count as hits); lower median ranks are better.\n\n"
             + markdown_table(["metric", "value"], rows)
         )
     sections.append(
         "## Usage\n\n"
-        "The model is custom code stored with the weights: load it with `trust_remote_code=True` (and "
-        "`pip install ndlinear`).\n\n"
+        "The model is custom code stored with the weights: load it with `trust_remote_code=True`, after installing "
+        "the versions of the packages it was written for:\n\n"
+        "```bash\n"
+        f"pip install {requirements}\n"
+        "```\n\n"
         "```python\n"
         "import torch\n"
         "from PIL import Image\n"
@@ -202,6 +232,7 @@ def write_model_card(
     eval_results: dict | None = None,
     training_args: dict | None = None,
     dataset_name: str | None = None,
+    training_data: str | None = None,
     base_models: list[str] | None = None,
     repo_id: str | None = None,
 ) -> ModelCard:
@@ -213,10 +244,17 @@ def write_model_card(
         eval_results: the metrics of run_clip.py's `eval_results.json`; read from `output_dir/eval_results.json`
             when None and that file exists.
         training_args: hyperparameters to list (name -> value).
-        dataset_name: the Hub id of the training dataset.
+        dataset_name: the Hub id of the training dataset (listed in the metadata, and in the model-index with the
+            results); raises ValueError for anything else.
+        training_data: for data that is not on the Hub, how the body describes it (e.g. "local data: my_photos").
         base_models: the Hub ids of the two towers; defaults to those the config remembers.
         repo_id: the Hub id the folder will be pushed to (used in the usage snippets).
     """
+    if dataset_name is not None and not is_hub_dataset_id(dataset_name):
+        raise ValueError(
+            f"dataset_name {dataset_name!r} is not a Hub dataset id: the card's metadata would link to a page that "
+            "does not exist. Describe local or generated data with training_data instead."
+        )
     output_dir = Path(output_dir)
     if eval_results is None and (output_dir / "eval_results.json").is_file():
         eval_results = json.loads((output_dir / "eval_results.json").read_text())
@@ -231,10 +269,10 @@ def write_model_card(
         datasets=[dataset_name] if dataset_name else None,
         base_model=base_models or None,
         model_name=model_id.split("/")[-1],
-        eval_results=eval_results_to_model_index(eval_results, dataset_name) if eval_results else None,
+        eval_results=(eval_results_to_model_index(eval_results, dataset_name) or None) if eval_results else None,
         widget=WIDGET,
     )
-    body = card_body(model, model_id, eval_results, training_args, dataset_name, base_models)
+    body = card_body(model, model_id, eval_results, training_args, dataset_name, training_data, base_models)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     output_dir.mkdir(parents=True, exist_ok=True)
     card.save(output_dir / "README.md")
@@ -247,6 +285,7 @@ def main(argv=None) -> ModelCard:
     parser.add_argument("--eval_results", help="an eval_results.json (default: the folder's, if any)")
     parser.add_argument("--training_args", help="a JSON file of hyperparameters to list")
     parser.add_argument("--dataset_name", help="the Hub id of the training dataset")
+    parser.add_argument("--training_data", help="how to describe training data that is not on the Hub")
     parser.add_argument("--base_models", help="the Hub ids of the two towers, comma-separated")
     parser.add_argument("--repo_id", help="the Hub id the folder will be pushed to")
     args = parser.parse_args(argv)
@@ -260,6 +299,7 @@ def main(argv=None) -> ModelCard:
         eval_results=read(args.eval_results),
         training_args=read(args.training_args),
         dataset_name=args.dataset_name,
+        training_data=args.training_data,
         base_models=args.base_models.split(",") if args.base_models else None,
         repo_id=args.repo_id,
     )

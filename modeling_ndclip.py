@@ -142,14 +142,18 @@ class NdClipPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
 
     def _init_weights(self, module):
-        """Heads: normal with std `fan_in ** -0.5` per axis (so a head keeps the scale of its input), zero bias.
-        The towers initialise themselves (they are `PreTrainedModel`s with their own `_init_weights`)."""
-        factor = self.config.initializer_factor
-        if isinstance(module, NdClipProjection):
-            for layer in module.modules():
-                if isinstance(layer, nn.Linear):
-                    init.normal_(layer.weight, mean=0.0, std=layer.in_features**-0.5 * factor)
-                    init.zeros_(layer.bias)
+        """Heads: each `nn.Linear` normal with std `in_features ** -0.5 * initializer_factor` (per axis for NdLinear,
+        so a head keeps the scale of its input), zero bias; `logit_scale` at `logit_scale_init_value`.
+
+        transformers calls this once per module, leaves first, and hands the towers' modules to the towers' own
+        `_init_weights` (they are `PreTrainedModel`s): so every `nn.Linear` that reaches this method is a head layer.
+        The heads are initialised at their `nn.Linear`s, not at `NdClipProjection`, because transformers skips a
+        module without parameters of its own (as `NdClipProjection` is) in custom code. The `init` functions leave
+        loaded weights alone, so `from_pretrained` initialises exactly the missing or resized ones."""
+        if isinstance(module, nn.Linear):
+            std = module.in_features**-0.5 * self.config.initializer_factor
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.bias)
         elif isinstance(module, NdClipModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
@@ -170,6 +174,7 @@ class NdClipModel(NdClipPreTrainedModel):
         text_model: PreTrainedModel | None = None,
     ):
         super().__init__(config)
+        self.config.check_head_fields()  # again: `from_pretrained` kwargs are set after the config was checked
         self.vision_model = vision_model if vision_model is not None else build_tower(config.vision_config)
         self.text_model = text_model if text_model is not None else build_tower(config.text_config)
         # The towers read the shared sub-configs, so attention-implementation switches reach them.
@@ -247,18 +252,26 @@ class NdClipModel(NdClipPreTrainedModel):
 
     # ----- the public API, as in transformers' CLIPModel ------------------------------------------------------
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(
+        self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
         """The vision tower's output with `pooler_output` replaced by the projected (unnormalised) image
-        embedding of shape `[batch, projection_dim]`, as `CLIPModel.get_image_features` does in transformers 5."""
+        embedding of shape `[batch, projection_dim]`, as `CLIPModel.get_image_features` does in transformers 5
+        (a tuple of the fields that are set when `return_dict` or else `config.return_dict` is False)."""
         outputs = self._encode_image(pixel_values, **_tower_kwargs(kwargs))
         outputs.pooler_output = self.visual_projection(outputs.pooler_output)
-        return outputs
+        return self._as_dict_or_tuple(outputs, return_dict)
 
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> BaseModelOutputWithPooling:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
         """The text tower's output with `pooler_output` replaced by the projected (unnormalised) text embedding
-        of shape `[batch, projection_dim]`. Tokenizer extras (`token_type_ids`) are accepted."""
+        of shape `[batch, projection_dim]` (a tuple as in `get_image_features` when `return_dict` is False).
+        Tokenizer extras (`token_type_ids`) are accepted."""
         outputs = self._encode_text(
             input_ids,
             attention_mask,
@@ -267,7 +280,12 @@ class NdClipModel(NdClipPreTrainedModel):
             **_tower_kwargs(kwargs),
         )
         outputs.pooler_output = self.text_projection(outputs.pooler_output)
-        return outputs
+        return self._as_dict_or_tuple(outputs, return_dict)
+
+    def _as_dict_or_tuple(self, output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
+        """The output as is, or as a tuple when `return_dict` (or, when it is None, `config.return_dict`) is False."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
 
     def clamped_logit_scale(self) -> torch.Tensor:
         """`exp(logit_scale)` with `logit_scale` clamped at `config.logit_scale_max_value` (ln 100)."""
@@ -314,7 +332,6 @@ class NdClipModel(NdClipPreTrainedModel):
             )
         if kwargs:
             logger.warning_once(f"NdClipModel.forward ignores the inputs {sorted(kwargs)}")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         tower_kwargs = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         tower_kwargs = {k: v for k, v in tower_kwargs.items() if v is not None}
 
@@ -355,7 +372,7 @@ class NdClipModel(NdClipPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )
-        return output if return_dict else output.to_tuple()
+        return self._as_dict_or_tuple(output, return_dict)
 
     # ----- construction from pretrained towers ---------------------------------------------------------------
 

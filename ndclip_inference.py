@@ -1,6 +1,7 @@
 """Using a trained NdCLIP: load a model folder (or Hub id), find the images in a folder, embed images and texts in
 batches, draw a contact sheet. Shared by the two command-line tools, `predict.py` and `search.py`."""
 
+import argparse
 import logging
 import math
 import sys
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from configuration_ndclip import NdClipConfig
+from image_caption_data import to_rgb_array
 from modeling_ndclip import NdClipModel
 from processing_ndclip import NdClipProcessor
 
@@ -21,10 +23,17 @@ logger = logging.getLogger(__name__)
 # Contact-sheet layout, in pixels: each cell is a square thumbnail above `text_lines` lines of text.
 PAD = 4
 LINE_HEIGHT = 14
+EXAMPLES_IN_LOG = 5  # unreadable images named in the log message that counts them
 
 
 class BadInputError(ValueError):
     """A problem with what the user passed (model, image folder, labels, index). The tools report it as one line."""
+
+
+# How a file that PIL identifies as an image can still fail to decode: truncated or corrupt data (an OSError, which
+# `open_image` reports as a BadInputError), or more pixels than PIL's `MAX_IMAGE_PIXELS` allows, twice over
+# (`DecompressionBombError`). Images between one and two times that limit are decoded, with PIL's warning.
+UNREADABLE_IMAGE_ERRORS = (BadInputError, OSError, Image.DecompressionBombError)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], prog: str, argv: Sequence[str] | None = None) -> None:
@@ -36,6 +45,14 @@ def run_cli(main: Callable[[Sequence[str] | None], object], prog: str, argv: Seq
     except BadInputError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type` for counts such as `--top_k` and `--batch_size`: an integer of at least 1."""
+    value = int(text)  # not a number: argparse reports "invalid positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def load_ndclip(name_or_path: str, device: str | None = None) -> tuple[NdClipModel, NdClipProcessor]:
@@ -70,8 +87,9 @@ def load_ndclip(name_or_path: str, device: str | None = None) -> tuple[NdClipMod
 def find_images(folder: str | Path) -> list[Path]:
     """The image files under `folder` (recursively, sorted). Other files are skipped, and their count logged.
 
-    A file counts as an image when PIL can read its header, whatever its name. Raises `BadInputError` when the
-    folder does not exist or holds no image.
+    A file counts as an image when PIL can read its header, whatever its name; whether it decodes is found out when
+    it is embedded (`embed_images` skips it then). Raises `BadInputError` when the folder does not exist or holds
+    no image.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -81,6 +99,8 @@ def find_images(folder: str | Path) -> list[Path]:
         try:
             with Image.open(path):
                 images.append(path)
+        except Image.DecompressionBombError:  # an image, too large to decode: embed_images skips and counts it
+            images.append(path)
         except (UnidentifiedImageError, OSError):
             skipped.append(path)
     if skipped:
@@ -91,12 +111,13 @@ def find_images(folder: str | Path) -> list[Path]:
 
 
 def open_image(image: str | Path | Image.Image) -> Image.Image:
-    """An RGB PIL image from a path or an image (grayscale, RGBA, CMYK... are converted)."""
+    """An RGB PIL image from a path or an image, converted exactly as training converts it (`to_rgb_array`):
+    transparency onto white, 16-bit greyscale scaled to 8 bits, grayscale, CMYK, palette... to RGB."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return Image.fromarray(to_rgb_array(image))
     try:
         with Image.open(image) as opened:
-            return opened.convert("RGB")
+            return Image.fromarray(to_rgb_array(opened))
     except (UnidentifiedImageError, OSError) as error:
         raise BadInputError(f"cannot read image {image}: {error}") from error
 
@@ -108,23 +129,42 @@ def embed_images(
     images: Sequence,
     batch_size: int = 32,
     progress: tqdm | None = None,
-) -> torch.Tensor:
-    """L2-normalised image embeddings `[len(images), projection_dim]` (float32, on the CPU), in batches.
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """L2-normalised embeddings (float32, on the CPU), in batches, of the images that can be read, and
+    `{position in images: why}` for those that cannot (truncated or corrupt files, decompression bombs).
 
-    `images` is any sequence whose slices give PIL images or file paths; files are opened one batch at a time.
-    The progress bar `progress` is advanced by the number of images (a new one is shown when it is None).
+    One bad file in a large folder must not stop the run, so unreadable images are skipped: the embeddings are
+    `[len(images) - len(unreadable), projection_dim]`, in the order of `images`. `images` is any sequence of PIL
+    images or file paths (or whose items decode to PIL images); they are opened one batch at a time. The progress
+    bar `progress` is advanced by the number of images (a new one is shown when it is None).
     """
     bar = progress if progress is not None else tqdm(total=len(images), desc="embedding images", unit="img")
-    embeddings = []
+    embeddings, unreadable = [], {}
     for start in range(0, len(images), batch_size):
-        batch = [open_image(image) for image in images[start : start + batch_size]]
-        pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
-        features = model.get_image_features(pixel_values=pixel_values).pooler_output
-        embeddings.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-        bar.update(len(batch))
+        positions = range(start, min(start + batch_size, len(images)))
+        batch = []
+        for i in positions:
+            try:
+                batch.append(open_image(images[i]))
+            except UNREADABLE_IMAGE_ERRORS as error:
+                unreadable[i] = str(error.__cause__ or error)  # PIL's reason, without open_image's wrapping
+        if batch:
+            pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
+            features = model.get_image_features(pixel_values=pixel_values).pooler_output
+            embeddings.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        bar.update(len(positions))
     if progress is None:
         bar.close()
-    return torch.cat(embeddings) if embeddings else torch.empty(0, model.config.projection_dim)
+    embeddings = torch.cat(embeddings) if embeddings else torch.empty(0, model.config.projection_dim)
+    return embeddings, unreadable
+
+
+def log_unreadable(reasons: dict[str, str]) -> None:
+    """Log how many images were skipped as unreadable (`{name: why}`) and name the first few."""
+    if reasons:
+        examples = "; ".join(f"{name} ({why})" for name, why in list(reasons.items())[:EXAMPLES_IN_LOG])
+        more = "; ..." if len(reasons) > EXAMPLES_IN_LOG else ""
+        logger.warning("skipped %d unreadable image(s): %s%s", len(reasons), examples, more)
 
 
 @torch.no_grad()
@@ -172,9 +212,19 @@ def contact_sheet(
 
 
 def fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """`text`, cut and ended with "..." if it is wider than `width` pixels."""
+    """`text`, or if it is wider than `width` pixels its longest prefix that fits with "..." after it.
+
+    A longer prefix is never narrower, so the cut is found by binary search: a few measurements however long the
+    text (removing one character at a time measured a caption once per character).
+    """
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+    # The prefix of `too_wide` characters is too wide; `fits` only grows to lengths that fit (0: just "...").
+    fits, too_wide = 0, len(text)
+    while too_wide - fits > 1:
+        middle = (fits + too_wide) // 2
+        if draw.textlength(text[:middle] + "...", font=font) <= width:
+            fits = middle
+        else:
+            too_wide = middle
+    return text[:fits] + "..."

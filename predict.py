@@ -7,18 +7,30 @@
 For every image: the top-k labels with their probabilities (the softmax of `logits_per_image` over the labels, as
 in the `zero-shot-image-classification` pipeline, each label written into `--template`) and, with `--captions`,
 the best-matching captions with their cosine similarity. Prints a table, writes `predictions.json` and
-`contact_sheet.png` (each thumbnail with its top labels) to `--output_dir`.
+`contact_sheet.png` (each thumbnail with its top labels) to `--output_dir`. Images that cannot be decoded (truncated
+files, decompression bombs) are skipped, counted and listed in `predictions.json`.
 """
 
 import argparse
 import json
 import logging
+import string
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ndclip_inference import BadInputError, contact_sheet, embed_images, embed_texts, find_images, load_ndclip, run_cli
+from ndclip_inference import (
+    BadInputError,
+    contact_sheet,
+    embed_images,
+    embed_texts,
+    find_images,
+    load_ndclip,
+    log_unreadable,
+    positive_int,
+    run_cli,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +61,35 @@ def parse_labels(labels: str | None = None, labels_file: str | Path | None = Non
     return parsed
 
 
+def check_template(template: str) -> str:
+    """`template` if it holds exactly one `{}`, where each label goes, and no other replacement field (`{name}`,
+    `{0}`; a literal brace is written `{{` or `}}`). Raises `BadInputError` naming what it found otherwise."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise BadInputError(
+            f"the template {template!r} is not a valid format string ({error}); write a literal brace as '{{{{' or "
+            "'}}}}'"
+        ) from error
+    fields = [
+        "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        for _, name, spec, conversion in parts
+        if name is not None
+    ]
+    if fields != ["{}"]:
+        found = "none" if not fields else f"the field {fields[0]!r}" if len(fields) == 1 else f"{len(fields)} fields"
+        raise BadInputError(f"the template {template!r} needs exactly one '{{}}' where the label goes, found {found}")
+    return template
+
+
+def template_argument(text: str) -> str:
+    """`--template`, checked by `check_template` (argparse then names the flag in its message)."""
+    try:
+        return check_template(text)
+    except BadInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def top_matches(scores: torch.Tensor, names: Sequence[str], key: str, top_k: int) -> list[list[dict]]:
     """For each row of `scores` `[images, names]`, the `top_k` best names with their scores, best first."""
     values, indices = scores.topk(min(top_k, len(names)), dim=-1)
@@ -67,27 +108,33 @@ def predict(
     captions: Sequence[str] | None = None,
     top_k: int = 3,
     batch_size: int = 32,
-) -> list[dict]:
-    """For each image (path or PIL image): `labels`, its top-k labels with probabilities, and, given `captions`,
-    `captions`, its top-k captions with cosine similarities.
+) -> tuple[list[dict], list[dict]]:
+    """Predictions for the images (paths or PIL images) that can be read, and the images skipped as unreadable.
 
-    The label probabilities are those of the zero-shot pipeline called with `hypothesis_template=template`.
+    Each prediction holds `image`, `labels`, its top-k labels with probabilities, and, given `captions`,
+    `captions`, its top-k captions with cosine similarities; each skipped image `image` and `reason` (the skipped
+    ones are also logged). The label probabilities are those of the zero-shot pipeline called with
+    `hypothesis_template=template`.
     """
-    if "{}" not in template:
-        raise BadInputError(f"the template {template!r} has no '{{}}' where the label goes")
+    check_template(template)
+    if top_k < 1:
+        raise BadInputError(f"top_k must be at least 1, got {top_k}")
+    names = [str(image) if isinstance(image, (str, Path)) else f"image {i}" for i, image in enumerate(images)]
     label_embeds = embed_texts(model, processor, [template.format(label) for label in labels])
-    image_embeds = embed_images(model, processor, images, batch_size=batch_size)
+    image_embeds, unreadable = embed_images(model, processor, images, batch_size=batch_size)
+    log_unreadable({Path(names[i]).name: why for i, why in unreadable.items()})
     with torch.no_grad():
         probabilities = (model.clamped_logit_scale().cpu() * image_embeds @ label_embeds.t()).softmax(dim=-1)
+    readable = [name for i, name in enumerate(names) if i not in unreadable]
     results = [
-        {"image": str(image) if isinstance(image, (str, Path)) else f"image {i}", "labels": matches}
-        for i, (image, matches) in enumerate(zip(images, top_matches(probabilities, labels, "label", top_k)))
+        {"image": name, "labels": matches}
+        for name, matches in zip(readable, top_matches(probabilities, labels, "label", top_k))
     ]
     if captions:
         similarities = image_embeds @ embed_texts(model, processor, captions).t()
         for result, matches in zip(results, top_matches(similarities, captions, "caption", top_k)):
             result["captions"] = matches
-    return results
+    return results, [{"image": names[i], "reason": why} for i, why in unreadable.items()]
 
 
 def format_table(predictions: Sequence[dict], width: int = 40) -> str:
@@ -115,12 +162,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", required=True, help="a folder of images (searched recursively)")
     parser.add_argument("--labels", help="comma-separated candidate labels, e.g. dog,cat,car")
     parser.add_argument("--labels_file", help="a text file with one candidate label per line")
-    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="the text each label is written into")
+    parser.add_argument(
+        "--template",
+        type=template_argument,
+        default=DEFAULT_TEMPLATE,
+        help="the text each label is written into, at its one '{}'",
+    )
     parser.add_argument("--captions", help="a text file with one caption per line, to match against each image")
-    parser.add_argument("--top_k", type=int, default=3, help="labels (and captions) to report per image")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--top_k", type=positive_int, default=3, help="labels (and captions) to report per image")
+    parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--output_dir", required=True, help="where predictions.json and contact_sheet.png go")
-    parser.add_argument("--sheet_max_images", type=int, default=256, help="at most this many images on the sheet")
+    parser.add_argument(
+        "--sheet_max_images", type=positive_int, default=256, help="at most this many images on the sheet"
+    )
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     return parser.parse_args(argv)
 
@@ -134,12 +188,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     images = find_images(args.images)
     model, processor = load_ndclip(args.model, args.device)
 
-    predictions = predict(model, processor, images, labels, args.template, captions, args.top_k, args.batch_size)
+    predictions, skipped = predict(
+        model, processor, images, labels, args.template, captions, args.top_k, args.batch_size
+    )
+    if not predictions:
+        raise BadInputError(f"none of the {len(images)} images in {args.images} could be read (see the log)")
     print(format_table(predictions))
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "template": args.template, "labels": labels, "predictions": predictions}
+    report = {
+        "model": args.model,
+        "template": args.template,
+        "labels": labels,
+        "predictions": predictions,
+        "skipped": skipped,
+    }
     (output_dir / "predictions.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     shown = predictions[: args.sheet_max_images]
     if len(shown) < len(predictions):
@@ -147,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     sheet_captions = [
         "\n".join([Path(p["image"]).name] + [f"{m['label']} {m['score']:.0%}" for m in p["labels"]]) for p in shown
     ]
-    contact_sheet(images[: len(shown)], sheet_captions).save(output_dir / "contact_sheet.png")
+    contact_sheet([p["image"] for p in shown], sheet_captions).save(output_dir / "contact_sheet.png")
     logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "contact_sheet.png")
     return predictions
 

@@ -2,13 +2,28 @@
 contrastive loss over fixed-size batches. Pure torch functions on embeddings, used by `run_clip.py`'s evaluation
 and by the benchmarks; they run on whatever device the embeddings are on.
 
+**Ties are broken at random, in expectation.** Candidates are ranked by score, and candidates with exactly equal
+scores in a uniformly random order. For a query with `g` candidates scoring strictly higher than its best correct
+one, and, tied exactly at that best correct score, `c` correct and `t` wrong candidates, the reported recall@K is
+the probability that the first correct candidate lands in the top K, `1 - C(t, m) / C(t + c, m)` with
+`m = K - g` (0 when `m <= 0`, 1 when `m > t`), and the reported rank is its expected rank,
+`g + (t + c + 1) / (c + 1)`. With one correct candidate (text->image, zero-shot) that is `clamp((K - g) / (t + 1))`
+and `g + 1 + t / 2`. So ties count neither for nor against the hit: a collapsed tower (every caption, or every image,
+the same vector), constant embeddings, or captions repeated word for word under several images score exactly at
+chance where they tie, instead of a perfect recall.
+
+**Non-finite scores are misses.** A query whose row of similarities holds a NaN or an infinity, correct or wrong
+candidate, has recall 0 at every K and the worst rank, the number of candidates: such a score comes from a broken
+(diverged) embedding, and comparisons with NaN are false, so without this rule "nothing scores higher" would read as
+a perfect rank. (A row whose float32 sum overflows, which takes scores beyond 1e33, counts as non-finite too.)
+
 Similarities are computed `chunk_size` rows at a time, so that 10,000 images x 50,000 captions never hold the whole
 similarity matrix in memory: the peak is one chunk of `chunk_size x max(images, captions)` float32 similarities
-(1024 x 50,000 x 4 bytes = 205 MB), in which the ranks are then counted in place. On 2 CPU cores that case takes
-about 6 s with `D = 256`.
+(1024 x 50,000 x 4 bytes = 205 MB), in which the ties are then counted in place.
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -38,15 +53,18 @@ def retrieval_metrics(
         chunk_size: rows of the similarity matrix computed at once (bounds the memory, not the result).
 
     Returns:
-        `image_to_text_recall@K`: fraction of images with at least one of their captions in their top K captions.
-        `text_to_image_recall@K`: fraction of captions whose image is in their top K images.
-        `image_to_text_median_rank`: median over images of the 1-based rank of the best-ranked correct caption.
-        `text_to_image_median_rank`: median over captions of the 1-based rank of their image.
+        `image_to_text_recall@K`: mean over images of the probability that at least one of their captions is in
+        their top K captions.
+        `text_to_image_recall@K`: mean over captions of the probability that their image is in their top K images.
+        `image_to_text_median_rank`: median over images of the expected 1-based rank of the first correct caption.
+        `text_to_image_median_rank`: median over captions of the expected 1-based rank of their image.
         Medians of an even count are the mean of the two middle ranks, as `numpy.median`.
 
-    A rank is 1 + the number of candidates scoring *strictly* higher than the correct one, so a wrong candidate
-    that ties with the correct one does not push it down: ties count in favour of the hit. Other correct captions
-    of the same image never push the best one down either (they score at most as high).
+    Ties are broken at random, in expectation (see the module docstring): a wrong candidate scoring exactly as high
+    as the best correct one comes first as often as not, so a tied group of `c` correct and `t` wrong candidates
+    after `g` better ones counts `P(rank <= K) = 1 - C(t, K - g) / C(t + c, K - g)` and rank
+    `g + (t + c + 1) / (c + 1)`. A query whose row holds a NaN or an infinity is a miss: recall 0, rank = the number
+    of candidates.
     """
     device = image_embeds.device
     image_embeds, text_embeds = image_embeds.float(), text_embeds.float().to(device)
@@ -57,74 +75,119 @@ def retrieval_metrics(
     _check_retrieval_inputs(image_embeds, text_embeds, text_image_ids, image_ids)
 
     text_image_rows = _image_rows_of_captions(text_image_ids, image_ids)
-    image_ranks = image_to_text_ranks(image_embeds, text_embeds, text_image_rows, chunk_size)
-    text_ranks = text_to_image_ranks(image_embeds, text_embeds, text_image_rows, chunk_size)
+    image_counts = image_to_text_rank_counts(image_embeds, text_embeds, text_image_rows, chunk_size)
+    text_counts = text_to_image_rank_counts(image_embeds, text_embeds, text_image_rows, chunk_size)
 
     metrics = {}
     for k in ks:
-        metrics[f"image_to_text_recall@{k}"] = _fraction(image_ranks <= k)
+        metrics[f"image_to_text_recall@{k}"] = _mean(image_counts.recall_at(k))
     for k in ks:
-        metrics[f"text_to_image_recall@{k}"] = _fraction(text_ranks <= k)
-    metrics["image_to_text_median_rank"] = _median(image_ranks)
-    metrics["text_to_image_median_rank"] = _median(text_ranks)
+        metrics[f"text_to_image_recall@{k}"] = _mean(text_counts.recall_at(k))
+    metrics["image_to_text_median_rank"] = _median(image_counts.expected_rank())
+    metrics["text_to_image_median_rank"] = _median(text_counts.expected_rank())
     return metrics
 
 
-def image_to_text_ranks(
+class RankCounts(NamedTuple):
+    """Where each query's first correct candidate can land, as counts: all the tie-breaking rule needs.
+
+    Fields (`[Q]` tensors, one entry per query, on the device of the embeddings):
+        better: candidates scoring strictly higher than the query's best correct candidate.
+        tied_wrong: wrong candidates scoring exactly the best correct score.
+        tied_correct: correct candidates scoring exactly the best correct score (at least 1, the best itself).
+        miss: True where the query cannot be scored: a NaN or an infinity in its row.
+        num_candidates: candidates per query (an int), the rank reported for a miss.
+    The counts of a miss are set to those of a lone hit (0, 0, 1) so that no arithmetic on them overflows.
+    """
+
+    better: torch.Tensor
+    tied_wrong: torch.Tensor
+    tied_correct: torch.Tensor
+    miss: torch.Tensor
+    num_candidates: int
+
+    def recall_at(self, k: int) -> torch.Tensor:
+        """`[Q]` float64 P(the first correct candidate is in the top `k`) under a random order of the tied group.
+
+        `1 - C(t, m) / C(t + c, m)` with `m` the tied places inside the top k, computed as the product
+        `prod_{i < c} (t + c - m - i) / (t + c - i)` (the same ratio, rewritten): `c` factors, each at most 1, so
+        it neither overflows nor loses precision as binomials of 50,000 candidates would. Clamping `m` to `t + 1`
+        makes a factor 0 once the top k holds more tied places than there are tied wrong candidates.
+        """
+        wrong, correct = self.tied_wrong.double(), self.tied_correct.double()
+        places = (k - self.better).clamp(min=0).minimum(self.tied_wrong + 1).double()
+        all_wrong = torch.ones_like(wrong)
+        for i in range(int(self.tied_correct.max())):
+            factor = (wrong + correct - places - i) / (wrong + correct - i)
+            all_wrong *= torch.where(i < correct, factor, 1.0)
+        return torch.where(self.miss, 0.0, 1 - all_wrong)
+
+    def expected_rank(self) -> torch.Tensor:
+        """`[Q]` float64 expected 1-based rank of the first correct candidate; `num_candidates` for a miss."""
+        correct = self.tied_correct.double()
+        rank = self.better + (self.tied_wrong + correct + 1) / (correct + 1)
+        return torch.where(self.miss, float(self.num_candidates), rank)
+
+
+def image_to_text_rank_counts(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image_rows: torch.Tensor, chunk_size: int = 1024
-) -> torch.Tensor:
-    """`[N]` 1-based rank, for each image, of its best-ranked caption among all `M` captions.
+) -> RankCounts:
+    """For each image, the counts that place its first correct caption among all `M` captions.
 
     `text_image_rows` (`[M]`) is the image row each caption belongs to. Each chunk holds `chunk_size` complete rows
     of the `[N, M]` similarity matrix, so a row's correct scores and its competitors come from the same matmul and
-    compare exactly (a separately computed dot product could differ in the last bit and break ties).
+    compare exactly (a separately computed dot product could differ in the last bit and make or break a tie).
     """
-    num_images = len(image_embeds)
-    ranks = torch.empty(num_images, dtype=torch.long, device=image_embeds.device)
-    caption_columns = torch.arange(len(text_embeds), device=image_embeds.device)
+    num_images, device = len(image_embeds), image_embeds.device
+    counts = _empty_counts(num_images, len(text_embeds), device)
+    caption_columns = torch.arange(len(text_embeds), device=device)
     for start in range(0, num_images, chunk_size):
         end = min(start + chunk_size, num_images)
         similarity = image_embeds[start:end] @ text_embeds.t()  # [chunk, M]
-        # The best correct score of each image in the chunk: a max over its captions' cells, scattered by row.
+        # The best correct score of each image in the chunk: a max over its captions' cells, scattered by row; then
+        # how many of its captions reach it.
         in_chunk = (text_image_rows >= start) & (text_image_rows < end)
         rows, columns = text_image_rows[in_chunk] - start, caption_columns[in_chunk]
-        best_correct = torch.full((end - start,), float("-inf"), device=similarity.device)
-        best_correct.scatter_reduce_(0, rows, similarity[rows, columns], reduce="amax")
-        ranks[start:end] = _count_strictly_greater(similarity, best_correct[:, None]) + 1
+        correct_scores = similarity[rows, columns]
+        best_correct = torch.full((end - start,), float("-inf"), device=device)
+        best_correct.scatter_reduce_(0, rows, correct_scores, reduce="amax")
+        tied_correct = torch.zeros(end - start, dtype=torch.long, device=device)
+        tied_correct.index_add_(0, rows, (correct_scores == best_correct[rows]).long())
+        better, tied, non_finite = _count_above_and_tied(similarity, best_correct[:, None])
         del similarity  # freed before the next chunk's matmul allocates: one chunk alive at a time, not two
-    return ranks
+        _store_counts(counts, slice(start, end), better, tied - tied_correct, tied_correct, non_finite)
+    return counts
 
 
-def text_to_image_ranks(
+def text_to_image_rank_counts(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image_rows: torch.Tensor, chunk_size: int = 1024
-) -> torch.Tensor:
-    """`[M]` 1-based rank, for each caption, of its image (row `text_image_rows[j]`) among all `N` images.
+) -> RankCounts:
+    """For each caption, the counts that place its image (row `text_image_rows[j]`) among all `N` images.
 
     Computed `chunk_size` captions at a time over complete rows of the `[M, N]` similarity matrix.
     """
-    num_texts = len(text_embeds)
-    ranks = torch.empty(num_texts, dtype=torch.long, device=text_embeds.device)
-    for start in range(0, num_texts, chunk_size):
-        end = min(start + chunk_size, num_texts)
-        similarity = text_embeds[start:end] @ image_embeds.t()  # [chunk, N]
-        correct = similarity.gather(1, text_image_rows[start:end, None])  # [chunk, 1]
-        ranks[start:end] = _count_strictly_greater(similarity, correct) + 1
-        del similarity  # one chunk alive at a time
-    return ranks
+    return _one_correct_rank_counts(text_embeds, image_embeds, text_image_rows, chunk_size)
 
 
-def zero_shot_accuracy(image_embeds: torch.Tensor, labels: torch.Tensor, class_text_embeds: torch.Tensor) -> float:
-    """Fraction of images whose most cosine-similar class prompt is their label.
+def zero_shot_accuracy(
+    image_embeds: torch.Tensor, labels: torch.Tensor, class_text_embeds: torch.Tensor, chunk_size: int = 1024
+) -> float:
+    """Fraction of images whose most cosine-similar class prompt is their label, ties broken at random in expectation.
+
+    An image whose label ties with `t` other classes at the highest similarity counts `1 / (t + 1)`, so constant
+    embeddings score exactly the chance level `1 / C`; an image whose similarities hold a NaN or an infinity counts 0
+    (the retrieval rule of the module docstring with one correct candidate, K = 1).
 
     Args:
         image_embeds: `[N, D]` image embeddings (normalised here, so projections work too).
         labels: `[N]` class index of each image, a row of `class_text_embeds`.
         class_text_embeds: `[C, D]` one embedding per class (e.g. of "a photo of a {class}.").
+        chunk_size: images scored at once.
     """
     image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
     class_text_embeds = torch.nn.functional.normalize(class_text_embeds.float().to(image_embeds.device), dim=-1)
-    predictions = (image_embeds @ class_text_embeds.t()).argmax(dim=1)
-    return _fraction(predictions == torch.as_tensor(labels, device=predictions.device))
+    labels = torch.as_tensor(labels, device=image_embeds.device)
+    return _mean(_one_correct_rank_counts(image_embeds, class_text_embeds, labels, chunk_size).recall_at(1))
 
 
 def chunked_contrastive_loss(
@@ -156,14 +219,64 @@ def chunked_contrastive_loss(
     return total / len(image_embeds)
 
 
-def _count_strictly_greater(similarity: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """`[rows]` how many entries of each row of `similarity` (`[rows, columns]`) exceed `threshold` (`[rows, 1]`).
+def _one_correct_rank_counts(
+    queries: torch.Tensor, candidates: torch.Tensor, correct_columns: torch.Tensor, chunk_size: int
+) -> RankCounts:
+    """Rank counts when query `i` has exactly one correct candidate, `candidates[correct_columns[i]]`.
 
-    Overwrites `similarity` with 1.0 / 0.0 in place: a boolean mask summed as integers would allocate 1 + 8 bytes
-    per cell (more than the float chunk itself). Float32 counts are exact below 2**24 columns; beyond, float64.
+    `chunk_size` complete rows of the `[Q, C]` similarity matrix at a time: each correct score is picked out of the
+    same matmul as its competitors, so ties compare exactly.
+    """
+    num_queries, device = len(queries), queries.device
+    counts = _empty_counts(num_queries, len(candidates), device)
+    for start in range(0, num_queries, chunk_size):
+        end = min(start + chunk_size, num_queries)
+        similarity = queries[start:end] @ candidates.t()  # [chunk, C]
+        correct = similarity.gather(1, correct_columns[start:end, None])  # [chunk, 1]
+        better, tied, non_finite = _count_above_and_tied(similarity, correct)
+        del similarity  # one chunk alive at a time
+        _store_counts(counts, slice(start, end), better, tied - 1, torch.ones_like(tied), non_finite)
+    return counts
+
+
+def _count_above_and_tied(
+    similarity: torch.Tensor, threshold: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of `similarity` (`[rows, columns]`): how many entries exceed `threshold` (`[rows, 1]`), how many
+    equal it, and whether the row holds a non-finite score.
+
+    A row sum is finite exactly when the row is (barring a float32 overflow, beyond any similarity of normalised
+    embeddings); it is taken first, as `sign` below would map NaN to 0, a tie. Then `similarity` is overwritten in
+    place with the sign of its difference to the threshold (+1 above, 0 tied, -1 below): two boolean masks would
+    allocate two bytes per cell. For finite floats `s - t` is 0 exactly when `s == t` (IEEE subtraction with gradual
+    underflow), so ties stay exact. The sum of the signs is above - below, their L1 norm above + below. Float32 sums
+    of +-1 are exact below 2**24 columns; beyond, float64.
     """
     count_dtype = torch.float32 if similarity.shape[1] < 2**24 else torch.float64
-    return similarity.gt_(threshold).sum(dim=1, dtype=count_dtype).long()
+    non_finite = ~similarity.sum(dim=1).isfinite()
+    signs = similarity.sub_(threshold).sign_()
+    above_minus_below = signs.sum(dim=1, dtype=count_dtype)
+    not_tied = torch.linalg.vector_norm(signs, ord=1, dim=1, dtype=count_dtype)
+    above = ((not_tied + above_minus_below) / 2).long()
+    tied = (similarity.shape[1] - not_tied).long()
+    return above, tied, non_finite
+
+
+def _empty_counts(num_queries: int, num_candidates: int, device) -> RankCounts:
+    def longs():
+        return torch.empty(num_queries, dtype=torch.long, device=device)
+
+    miss = torch.empty(num_queries, dtype=torch.bool, device=device)
+    return RankCounts(longs(), longs(), longs(), miss, num_candidates)
+
+
+def _store_counts(counts: RankCounts, rows: slice, better, tied_wrong, tied_correct, miss) -> None:
+    """Writes one chunk's counts; a miss gets the counts of a lone hit, so later arithmetic on them stays finite
+    (the garbage counts of a non-finite row could be anything)."""
+    counts.better[rows] = better.masked_fill(miss, 0)
+    counts.tied_wrong[rows] = tied_wrong.masked_fill(miss, 0)
+    counts.tied_correct[rows] = tied_correct.masked_fill(miss, 1)
+    counts.miss[rows] = miss
 
 
 def _image_rows_of_captions(text_image_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
@@ -197,14 +310,14 @@ def _check_retrieval_inputs(image_embeds, text_embeds, text_image_ids, image_ids
         raise ValueError(f"images without any caption: ids {image_ids[without_captions][:5].tolist()}")
 
 
-def _fraction(hits: torch.Tensor) -> float:
-    """The share of True in `hits`, as an exact Python division (a float32 mean would report 0.72 as 0.72000003)."""
-    return hits.sum().item() / hits.numel()
+def _mean(values: torch.Tensor) -> float:
+    """The mean as a float64 sum and an exact Python division (a float32 mean would report 0.72 as 0.72000003)."""
+    return values.sum(dtype=torch.float64).item() / values.numel()
 
 
 def _median(values: torch.Tensor) -> float:
     """Median as `numpy.median`: the mean of the two middle values for an even count."""
-    ordered = values.float().sort().values
+    ordered = values.double().sort().values
     middle = len(ordered) // 2
     if len(ordered) % 2:
         return ordered[middle].item()
@@ -213,8 +326,9 @@ def _median(values: torch.Tensor) -> float:
 
 __all__ = [
     "retrieval_metrics",
-    "image_to_text_ranks",
-    "text_to_image_ranks",
+    "RankCounts",
+    "image_to_text_rank_counts",
+    "text_to_image_rank_counts",
     "zero_shot_accuracy",
     "chunked_contrastive_loss",
 ]

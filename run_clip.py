@@ -27,6 +27,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin, set_seed
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, SchedulerType, get_scheduler
@@ -125,6 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", required=True)
+    out.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="Train afresh in an output folder that holds a previous run: its checkpoints, logs, metrics, weights and "
+        "card are deleted first (other files are left alone).",
+    )
     out.add_argument("--checkpointing_steps", help="Save the training state every N steps, or `epoch`.")
     out.add_argument("--checkpoints_total_limit", type=int, help="Keep at most this many checkpoints.")
     out.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or `latest` (in output_dir).")
@@ -154,7 +160,31 @@ def apply_demo_preset(args: argparse.Namespace, parser: argparse.ArgumentParser)
             setattr(args, key, value)
 
 
+# Numeric flags and the least value each takes (None: unset, allowed). Checked before anything is loaded: out of range,
+# they would fail late (a division by zero at the first log, an empty loader) or silently (a negative
+# --checkpoints_total_limit deleted every checkpoint, a 0 sample limit meant no limit).
+AT_LEAST = {
+    "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "num_train_epochs": 1,
+    "max_train_steps": 0,  # 0: evaluate and save the starting model
+    "gradient_accumulation_steps": 1, "num_warmup_steps": 0, "eval_steps": 1, "logging_steps": 1,
+    "checkpoints_total_limit": 1, "max_seq_length": 1, "max_train_samples": 1, "max_eval_samples": 1,
+    "dataloader_num_workers": 0, "preprocessing_num_workers": 1, "projection_dim": 1, "seed": 0,
+    "weight_decay": 0.0, "max_grad_norm": 0.0,  # 0: no gradient clipping
+}  # fmt: skip
+MAX_SEED = 2**32 - 1  # numpy's seeds, which accelerate's set_seed sets too
+
+
 def validate_args(args: argparse.Namespace) -> None:
+    for name, least in AT_LEAST.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= least):
+            raise SystemExit(f"--{name} must be at least {least}, got {value}")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise SystemExit(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    if not 0 < args.validation_fraction < 1:
+        raise SystemExit(f"--validation_fraction must be between 0 and 1 (exclusive), got {args.validation_fraction}")
+    if args.seed > MAX_SEED:
+        raise SystemExit(f"--seed must be at most {MAX_SEED}, got {args.seed}")
     steps = args.checkpointing_steps
     if steps is not None and steps != "epoch" and not (steps.isdigit() and int(steps) > 0):
         raise SystemExit(f"--checkpointing_steps must be a positive integer or `epoch`, got {steps!r}")
@@ -162,6 +192,16 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit("--push_to_hub needs --hub_model_id (e.g. `your-name/ndclip-flickr8k`)")
     if args.eval_split not in ("validation", "test"):
         raise SystemExit(f"--eval_split must be `validation` or `test`, got {args.eval_split!r}")
+
+
+def validate_args_for_model(args: argparse.Namespace, model: NdClipModel) -> None:
+    """The flags whose range the model sets: a caption longer than the text tower's position embeddings would crash
+    the step that draws it, mid-epoch."""
+    positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    if positions is not None and args.max_seq_length > positions:
+        raise SystemExit(
+            f"--max_seq_length {args.max_seq_length} is longer than the text tower, which has {positions} positions"
+        )
 
 
 # ----- model and data -----------------------------------------------------------------------------------------------
@@ -339,6 +379,64 @@ def global_contrastive_loss(outputs, accelerator: Accelerator) -> torch.Tensor:
     return ndclip_loss(logits_per_text)
 
 
+# ----- stopping a run whose loss or weights are no longer finite ----------------------------------------------------
+
+
+def stop_if_loss_not_finite(loss, outputs, batch, accelerator, args, history, step: int, epoch: int) -> None:
+    """Stop every process at the first NaN or infinite training loss, before its backward pass and optimizer step
+    carry it into the weights.
+
+    Every process computes the same global loss, but one that stopped alone would leave the others waiting forever in
+    their next collective: the verdict is reduced across processes, so it is the same everywhere by construction. The
+    embeddings of each sample then tell weights that diverged (every sample non-finite) from a few samples that reach
+    a bad weight or overflow."""
+    if not accelerator.reduce((~torch.isfinite(loss.detach())).float(), reduction="sum").item():
+        return
+    finite_rows = torch.isfinite(outputs.image_embeds).all(-1) & torch.isfinite(outputs.text_embeds).all(-1)
+    finite_rows, image_ids = accelerator.gather((finite_rows.long(), batch["image_ids"]))
+    bad = image_ids[finite_rows == 0].tolist()
+    if len(bad) == len(image_ids):
+        where = "the embeddings of every sample in the batch are non-finite: the weights diverged"
+    elif bad:
+        where = (
+            f"the embeddings of {len(bad)} of {len(image_ids)} samples in the batch are non-finite (training split "
+            f"image_id {', '.join(map(str, bad[:10]))})"
+        )
+    else:
+        where = "the embeddings are finite, the logits (logit_scale x cosine similarity) are not"
+    value = loss.item() if not torch.isfinite(loss) else "non-finite on another process"
+    problem = f"the training loss is {value} at step {step} (epoch {epoch}); {where}"
+    raise stop_training(accelerator, args, history, step, problem)
+
+
+def stop_if_parameters_not_finite(model, accelerator, args, history, step: int) -> None:
+    """Refuse to save or push weights that hold NaN or infinity: a non-finite gradient makes them so although the loss
+    of its step was finite. Each process checks its own parameters (its shards under FSDP; under DeepSpeed ZeRO-3 its
+    partition, kept in `ds_tensor`), and the count is reduced, so that every process stops together."""
+    params = list(accelerator.unwrap_model(model, keep_torch_compile=False).named_parameters())
+    finite = torch.stack([torch.isfinite(getattr(param, "ds_tensor", param)).all() for _, param in params]).tolist()
+    bad = [name for (name, _), ok in zip(params, finite) if not ok]
+    if accelerator.reduce(torch.tensor(len(bad), device=accelerator.device), reduction="sum").item():
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") or "another process's shard"
+        problem = f"the weights after step {step} hold NaN or infinity, in {names}"
+        raise stop_training(accelerator, args, history, step, problem)
+
+
+def stop_training(accelerator, args, history, step: int, problem: str) -> SystemExit:
+    """Record why the run stopped (metrics.jsonl, trackers) and return the exit that says so and what to try."""
+    history.log({"step": step, "stopped": problem}, args.with_tracking)
+    if args.with_tracking:
+        accelerator.end_training()
+    saved = checkpoint_dirs(args.output_dir)
+    kept = f"the checkpoints saved before are untouched, the newest {saved[-1]}" if saved else "no checkpoint was saved"
+    return SystemExit(
+        f"run_clip.py: {problem}. Training stopped: these weights are neither saved nor pushed ({kept}). Try a "
+        f"lower --learning_rate (this run: {args.learning_rate:g}), warmup (--num_warmup_steps), gradient clipping "
+        f"(--max_grad_norm, this run: {args.max_grad_norm:g}), bf16 rather than fp16 mixed precision; where only some "
+        "samples are non-finite, check those samples and the weights they reach."
+    )
+
+
 # ----- evaluation ---------------------------------------------------------------------------------------------------
 
 
@@ -437,7 +535,8 @@ def save_checkpoint(accelerator: Accelerator, args, state: dict) -> Path:
     """Save the full training state atomically: write into a temporary folder, then rename it into place.
 
     accelerate's own `total_limit` deletes old checkpoints *before* writing the new one; here the old ones are only
-    pruned once the new one is complete, so a crash during a save never loses the last good checkpoint.
+    pruned once the new one is complete, so a crash during a save never loses the last good checkpoint. The state
+    lists every file with its size, so that a checkpoint damaged afterwards is recognised (`checkpoint_problem`).
     """
     root = Path(args.output_dir) / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{state['completed_steps']}"
@@ -445,45 +544,263 @@ def save_checkpoint(accelerator: Accelerator, args, state: dict) -> Path:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process's random state is in the folder before it is listed
+        if accelerator.is_main_process:
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / TRAINING_STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except SAVE_ERRORS as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(
+            f"could not save checkpoint {final.name} in {root}: {error}. The disk is probably full (or the folder not "
+            f"writable); the partial save was removed. {intact_checkpoint_note(args.output_dir, exclude=final)}"
+        ) from error
     if accelerator.is_main_process:
-        (tmp / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if args.checkpoints_total_limit:
-            for old in checkpoint_dirs(args.output_dir)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(old)
+        prune_checkpoints(args.output_dir, args.checkpoints_total_limit, keep=final)
     accelerator.wait_for_everyone()
     return final
 
 
-def resolve_checkpoint(args) -> Path | None:
+# What a failed write raises: OSError (ENOSPC, EFBIG, ...), torch's `unexpected pos ... vs ...` RuntimeError, and
+# safetensors' own error type.
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def intact_checkpoint_note(output_dir: str, exclude: Path | None = None) -> str:
+    """Where a run whose save failed can continue from."""
+    intact = [p for p in checkpoint_dirs(output_dir) if p != exclude and checkpoint_problem(p) is None]
+    if not intact:
+        return "There is no checkpoint to resume from."
+    return (
+        f"The previous checkpoint {intact[-1]} is intact: free some space, then continue the run with "
+        "--resume_from_checkpoint latest."
+    )
+
+
+def prune_checkpoints(output_dir: str, limit: int | None, keep: Path) -> None:
+    """Delete the oldest checkpoints beyond `limit`, but never `keep`, the one just saved."""
+    if limit is None:
+        return
+    older = [p for p in checkpoint_dirs(output_dir) if p != keep]
+    for old in older[: max(0, len(older) + 1 - limit)]:
+        shutil.rmtree(old)
+
+
+# What a checkpoint's training_state.json holds beside accelerate's state (`training_state` in main).
+TRAINING_STATE_KEYS = (
+    "completed_steps", "epoch", "batches_in_epoch", "metrics_records", "eval_results", "settings", "train_samples",
+    "files",
+)  # fmt: skip
+
+
+def checkpoint_problem(path: Path, settings: dict | None = None) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed, or None. Its training_state.json must parse and hold every
+    key; each file it lists must be there, with the size it was saved with (a safetensors header must parse); and,
+    given `settings`, it must be a checkpoint of a run with these settings."""
+    if not path.is_dir():
+        return "no such folder"
+    try:
+        state = json.loads((path / TRAINING_STATE_FILE).read_text())
+    except FileNotFoundError:
+        return f"{TRAINING_STATE_FILE} is missing (not a checkpoint, or a damaged one)"
+    except (OSError, ValueError) as error:
+        return f"{TRAINING_STATE_FILE} is unreadable ({error})"
+    missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        return f"{TRAINING_STATE_FILE} lacks {', '.join(missing)} (written by another version of run_clip.py?)"
+    for name, size in state["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when it was saved (truncated or damaged)"
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except (OSError, SafetensorError) as error:
+                return f"{name} is unreadable ({error})"
+    if settings is not None and (changes := settings_changes(state["settings"], settings)):
+        return "it is a checkpoint of another run: " + "; ".join(changes)
+    return None
+
+
+def resolve_checkpoint(args, settings: dict) -> Path | None:
+    """The checkpoint to resume from, validated. `latest` is this run's newest complete checkpoint: a damaged newer
+    one is skipped with a warning that names it. An explicit folder that cannot be resumed is an error."""
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(args.output_dir)
-        return found[-1] if found else None  # nothing saved yet: start from scratch
+        for path in reversed(checkpoint_dirs(args.output_dir)):
+            problem = checkpoint_problem(path, settings)
+            if problem is None:
+                return path
+            logger.warning(f"skipping checkpoint {path}: {problem}")
+        logger.info(f"no complete checkpoint of this run in {args.output_dir}: training from the start")
+        return None
     path = Path(args.resume_from_checkpoint)
-    if not (path / TRAINING_STATE_FILE).is_file():
-        raise SystemExit(f"--resume_from_checkpoint {path}: not a checkpoint folder (no {TRAINING_STATE_FILE})")
+    problem = checkpoint_problem(path, settings)
+    if problem is not None:
+        raise SystemExit(f"--resume_from_checkpoint {path}: cannot resume: {problem}")
     return path
+
+
+def check_resumable_data(checkpoint: Path, train_samples: int) -> None:
+    """The checkpoint's place in its epoch is a number of batches: it means the same samples only on the same data."""
+    state = json.loads((checkpoint / TRAINING_STATE_FILE).read_text())
+    if state["train_samples"] != train_samples:
+        raise SystemExit(
+            f"cannot resume {checkpoint}: its run trained on {state['train_samples']} images of the training split, "
+            f"which now has {train_samples} usable images. The data changed, so the batches of its epoch would differ "
+            "from those already trained (samples trained twice or skipped). Train a new run in another --output_dir."
+        )
+
+
+# ----- one run per output folder ------------------------------------------------------------------------------------
+
+RUN_FILE = "training_run.json"
+# Arguments that may change when a run is resumed: they change how it is run, logged or published, not what it trains
+# or how it is evaluated. Every other argument, and the number of processes, is a setting of the run.
+RESUMABLE_CHANGES = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
+    "logging_steps", "eval_steps", "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token",
+    "hub_private_repo", "push_checkpoints", "dataloader_num_workers", "preprocessing_num_workers",
+    "disable_feature_cache", "gradient_checkpointing", "torch_compile", "torch_compile_backend",
+}  # fmt: skip
+_SKIPS_OR_REPEATS = "re-train or skip samples of that epoch"
+# What resuming under a changed setting would do (any other change: the run would no longer be the one it started as).
+CHANGE_EFFECTS = {
+    "per_device_train_batch_size": f"the checkpoint's place in its epoch counts batches of the old size: it would "
+    f"{_SKIPS_OR_REPEATS}",
+    "num_processes": f"the checkpoint's place in its epoch counts each process's batches: it would {_SKIPS_OR_REPEATS}",
+    "gradient_accumulation_steps": "an optimizer step would take another number of batches: the checkpoint's step "
+    "count and learning-rate schedule would no longer fit",
+    "seed": "the shuffled order of the epoch, the held-out split and the augmentations would change: samples of the "
+    "epoch would be trained twice or not at all",
+    "max_train_steps": "the learning-rate schedule is sized for the run's number of steps",
+    "num_train_epochs": "the learning-rate schedule is sized for the run's number of steps",
+}
+# What a run writes into its output folder: `--overwrite_output_dir` deletes these, and only these.
+RUN_ARTIFACTS = [
+    RUN_FILE, "checkpoints", "runs", "metrics.jsonl", "eval_results.json", "README.md", "loss.png",
+    "retrieval_recall.png", "model*.safetensors", "model.safetensors.index.json",
+]  # fmt: skip
+
+
+def run_settings(args, num_processes: int) -> dict:
+    """What makes a run this run: every argument except `RESUMABLE_CHANGES`, as given, and the number of processes
+    (as JSON would hold them, so that recorded and current settings compare equal)."""
+    settings = {k: getattr(v, "value", v) for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
+    return {**json.loads(json.dumps(settings, default=str)), "num_processes": num_processes}
+
+
+def settings_changes(saved: dict, now: dict) -> list[str]:
+    """Each setting that differs, as `name: saved → now (what resuming would do)`."""
+    return [
+        f"{key}: {saved.get(key)} → {now.get(key)} "
+        f"({CHANGE_EFFECTS.get(key, 'the run would continue with other settings than it was trained with')})"
+        for key in sorted(saved.keys() | now.keys())
+        if saved.get(key) != now.get(key)
+    ]
+
+
+def prepare_output_dir(args, settings: dict, accelerator: Accelerator) -> None:
+    """Before anything is loaded: the output folder must be new (or empty), this run's when resuming, or cleared with
+    --overwrite_output_dir, and writable. The run's settings are recorded there, to recognise it when resuming."""
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        check_output_dir(args, settings)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if args.overwrite_output_dir:
+                delete_run_artifacts(out)
+            write_text_atomically(out / RUN_FILE, json.dumps({"settings": settings}, indent=2))
+        except OSError as error:
+            raise SystemExit(f"--output_dir {out} is not writable: {error}") from None
+    accelerator.wait_for_everyone()
+
+
+def check_output_dir(args, settings: dict) -> None:
+    out, resume = Path(args.output_dir), args.resume_from_checkpoint
+    if args.overwrite_output_dir and resume and (resume == "latest" or out.resolve() in Path(resume).resolve().parents):
+        raise SystemExit(
+            f"--overwrite_output_dir would delete the checkpoints that --resume_from_checkpoint {resume} resumes: "
+            "pass one or the other"
+        )
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries or args.overwrite_output_dir:
+        return
+    if not resume:
+        listing = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise SystemExit(
+            f"--output_dir {out} is not empty ({listing}): continue the run it holds with --resume_from_checkpoint "
+            "latest, choose another --output_dir, or pass --overwrite_output_dir to delete the previous run's "
+            "checkpoints, logs, metrics, weights and card and train afresh"
+        )
+    try:
+        recorded = json.loads((out / RUN_FILE).read_text())["settings"]
+    except (OSError, ValueError, TypeError, KeyError):
+        raise SystemExit(
+            f"--output_dir {out} is not empty and holds no run of run_clip.py (no readable {RUN_FILE}) to resume: "
+            "choose another --output_dir, or pass --overwrite_output_dir"
+        ) from None
+    changes = settings_changes(recorded, settings)
+    if changes:
+        raise SystemExit(
+            f"--output_dir {out} holds a run with other settings, which --resume_from_checkpoint {resume} cannot "
+            "continue as the same run: " + "; ".join(changes) + ". Resume it with its own settings, or train this run "
+            "in another --output_dir."
+        )
+
+
+def delete_run_artifacts(out: Path) -> None:
+    """What a previous run wrote, so that nothing of it mixes with the new run (files of other origin stay)."""
+    for pattern in RUN_ARTIFACTS:
+        for path in out.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a temporary file, then rename it into place: a process killed meanwhile leaves the old file whole."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ----- logging ------------------------------------------------------------------------------------------------------
 
 
 class MetricsHistory:
-    """`metrics.jsonl` in the output folder: one line per logged training step or evaluation (main process only)."""
+    """`metrics.jsonl` in the output folder: one line per logged training step or evaluation (main process only).
+    `records` counts its lines, so that a checkpoint can record how far the history had got."""
 
     def __init__(self, output_dir: str, accelerator: Accelerator):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.accelerator = accelerator
+        self.records = 0
 
-    def drop_after(self, step: int) -> None:
-        """On resume, forget what a killed run logged after its checkpoint: those steps are trained again."""
-        if self.accelerator.is_main_process and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+    def keep_first(self, records: int) -> None:
+        """On resume, forget what was logged after the checkpoint -- by a killed run, perhaps ending in a half-written
+        line, or the evaluation that ended a finished run: the resumed run logs those steps again."""
+        if self.accelerator.is_main_process and not self.path.exists():
+            records = 0  # resumed from another folder's checkpoint: this folder's history starts here
+        elif self.accelerator.is_main_process:
+            text = self.path.read_text()
+            lines = text.splitlines()
+            if text and not text.endswith("\n") and len(lines) > records:
+                logger.warning(f"{self.path} ends in a half-written line (the run was killed writing it): dropped")
+            if len(lines) < records:
+                logger.warning(f"{self.path} has {len(lines)} records, fewer than the {records} of the checkpoint")
+            write_text_atomically(self.path, "".join(line + "\n" for line in lines[:records]))
+            records = min(records, len(lines))
+        self.records = records
 
     def log(self, record: dict, tracking: bool) -> None:
         if tracking:
@@ -491,6 +808,7 @@ class MetricsHistory:
         if self.accelerator.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        self.records += 1
 
 
 def plot_history(output_dir: str) -> list[Path]:
@@ -549,6 +867,7 @@ def main(argv=None):
             TorchDynamoPlugin(backend=args.torch_compile_backend, dynamic=True) if args.torch_compile else None
         ),
     )
+    settings = run_settings(args, accelerator.num_processes)  # before main fills in defaults of its own
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = default_dataloader_workers()
     args.dataloader_pin_memory = accelerator.device.type == "cuda"  # page-locked batches copy to the GPU async
@@ -561,9 +880,9 @@ def main(argv=None):
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    accelerator.wait_for_everyone()
+    # Output folder and checkpoint: checked before anything is loaded, so that a mistake there fails fast.
+    prepare_output_dir(args, settings, accelerator)
+    checkpoint = resolve_checkpoint(args, settings)
 
     # Data: loaded and validated once (the main process first, the others then read datasets' cache).
     with accelerator.main_process_first():
@@ -578,9 +897,12 @@ def main(argv=None):
     train_split = without_image_decoding(truncate(raw["train"], args.max_train_samples))
     eval_split = truncate(raw[args.eval_split], args.max_eval_samples)
     class_names = eval_split.features["label"].names if "label" in eval_split.features else None
+    if checkpoint is not None:
+        check_resumable_data(checkpoint, len(train_split))
 
     # Model
     model, processor = build_model_and_processor(args, demo_dataset=raw if args.preset == "demo" else None)
+    validate_args_for_model(args, model)
     if args.freeze_vision_model:
         model.lock_image_tower()
     if args.freeze_text_model:
@@ -646,7 +968,6 @@ def main(argv=None):
     )
     if zero_shot is not None:
         zero_shot = (accelerator.prepare(zero_shot[0]), zero_shot[1])
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
 
     if args.with_tracking:
         config = {k: (v.value if hasattr(v, "value") else v) for k, v in vars(args).items()}
@@ -660,21 +981,25 @@ def main(argv=None):
         f"`{args.eval_split}`; {args.max_train_steps} optimizer steps"
     )
 
-    # Resume: weights, optimizer, schedule and random states from the checkpoint; the data position from its state.
-    completed_steps, start_epoch, skip_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(args)
+    # Resume: weights, optimizer, schedule and random states from the checkpoint; the data position, the latest
+    # evaluation and the length of metrics.jsonl from its state.
+    completed_steps, start_epoch, skip_batches, eval_results = 0, 0, 0, None
+    run = {"settings": settings, "train_samples": len(train_split)}
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / TRAINING_STATE_FILE).read_text())
+        accelerator.load_state(str(checkpoint))
         completed_steps, start_epoch, skip_batches = state["completed_steps"], state["epoch"], state["batches_in_epoch"]
-        history.drop_after(completed_steps)
+        eval_results = state["eval_results"]
         logger.info(f"resumed from {checkpoint} at step {completed_steps} (epoch {start_epoch}, batch {skip_batches})")
+    history.keep_first(state["metrics_records"] if checkpoint is not None else 0)
 
     progress = tqdm(
         range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process, desc="train"
     )
-    eval_results = None
+    epoch = start_epoch  # the epoch a run with no step left to train (max_train_steps reached, or 0) evaluates in
     for epoch in range(start_epoch, args.num_train_epochs):
+        if completed_steps >= args.max_train_steps:
+            break  # resumed from the checkpoint of the last step
         set_train_mode(model, accelerator, args)
         train_loader.set_epoch(epoch)
         collate.set_epoch(epoch)
@@ -684,6 +1009,7 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 outputs = model(**{k: v for k, v in batch.items() if k not in ("image_ids", "labels")})
                 loss = global_contrastive_loss(outputs, accelerator)
+                stop_if_loss_not_finite(loss, outputs, batch, accelerator, args, history, completed_steps + 1, epoch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -709,22 +1035,25 @@ def main(argv=None):
             if args.eval_steps and completed_steps % args.eval_steps == 0:
                 eval_results = run_evaluation(model, eval_loaders, processor, accelerator, args, history, completed_steps, epoch, class_names, zero_shot)
             if args.checkpointing_steps not in (None, "epoch") and completed_steps % int(args.checkpointing_steps) == 0:
-                save_training_checkpoint(accelerator, args, unwrapped, processor, completed_steps, epoch, batches_in_epoch)
+                state = training_state(run, history, eval_results, completed_steps, epoch, batches_in_epoch)
+                save_training_checkpoint(accelerator, args, model, processor, history, state)
             if completed_steps >= args.max_train_steps:
                 break
         if not args.eval_steps or completed_steps % args.eval_steps:
             eval_results = run_evaluation(model, eval_loaders, processor, accelerator, args, history, completed_steps, epoch, class_names, zero_shot)
         if args.checkpointing_steps == "epoch":
-            save_training_checkpoint(accelerator, args, unwrapped, processor, completed_steps, epoch + 1, 0)
+            state = training_state(run, history, eval_results, completed_steps, epoch + 1, 0)
+            save_training_checkpoint(accelerator, args, model, processor, history, state)
         if completed_steps >= args.max_train_steps:
             break
     progress.close()
-    if eval_results is None:  # resumed from the very end of a finished run
+    if eval_results is None or eval_results["step"] != completed_steps:  # no step trained, or resumed at the end
         eval_results = run_evaluation(model, eval_loaders, processor, accelerator, args, history, completed_steps, epoch, class_names, zero_shot)
 
     # Final save: the Hub-ready folder (safetensors weights, config with auto_map, code files, processor, card).
     accelerator.wait_for_everyone()
-    save_hub_folder(accelerator, args, unwrapped, model, processor, eval_results)
+    stop_if_parameters_not_finite(model, accelerator, args, history, completed_steps)
+    save_hub_folder(accelerator, args, model, processor, eval_results)
     if accelerator.is_main_process:
         plot_history(args.output_dir)
         if args.push_to_hub:
@@ -738,8 +1067,6 @@ def run_evaluation(model, loaders, processor, accelerator, args, history, step, 
     metrics = evaluate(model, loaders, processor, accelerator, args, class_names=class_names, zero_shot=zero_shot)
     results = {**metrics, "split": args.eval_split, "step": step, "epoch": epoch}
     history.log(results, args.with_tracking)
-    if accelerator.is_main_process:
-        (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
     summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     logger.info(f"eval at step {step}: {summary}")
     if "zero_shot_accuracy" in metrics:
@@ -749,30 +1076,61 @@ def run_evaluation(model, loaders, processor, accelerator, args, history, step, 
     return results
 
 
-def save_training_checkpoint(accelerator, args, unwrapped, processor, step, epoch, batches_in_epoch) -> None:
-    path = save_checkpoint(
-        accelerator, args, {"completed_steps": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
-    )
+def training_state(run: dict, history, eval_results, step: int, epoch: int, batches_in_epoch: int) -> dict:
+    """What a checkpoint records beside accelerate's state (`TRAINING_STATE_KEYS`): the position in the data, the
+    latest evaluation and the length of metrics.jsonl (so that a resumed run neither repeats nor loses any), and the
+    run it belongs to."""
+    return {
+        "completed_steps": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+        "metrics_records": history.records, "eval_results": eval_results, **run,
+    }  # fmt: skip
+
+
+def save_training_checkpoint(accelerator, args, model, processor, history, state: dict) -> None:
+    stop_if_parameters_not_finite(model, accelerator, args, history, state["completed_steps"])
+    path = save_checkpoint(accelerator, args, state)
     logger.info(f"saved checkpoint {path}")
     if args.push_to_hub and args.push_checkpoints:
-        save_hub_folder(accelerator, args, unwrapped, None, processor, None)
+        save_hub_folder(accelerator, args, model, processor, None)
         if accelerator.is_main_process:
-            push_folder(args, f"checkpoint at step {step}")
+            push_folder(args, f"checkpoint at step {state['completed_steps']}")
 
 
-def save_hub_folder(accelerator, args, unwrapped, model, processor, eval_results) -> None:
-    state_dict = accelerator.get_state_dict(model) if model is not None else None
+def save_hub_folder(accelerator, args, model, processor, eval_results) -> None:
+    """The Hub-ready folder. The results (`eval_results.json`, and the card that reports them) are written only after
+    the weights they describe, so that a save that fails midway never leaves results beside other weights."""
+    # From the prepared model, on every process: under FSDP / DeepSpeed ZeRO-3 each holds a shard of the weights, and
+    # get_state_dict is the collective that gathers them (the unwrapped model alone would save its own shard).
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
-        processor.save_pretrained(args.output_dir)
-        write_card(args, unwrapped, eval_results)
+        out = Path(args.output_dir)
+        for stale in ("eval_results.json", "README.md"):
+            (out / stale).unlink(missing_ok=True)
+        try:
+            unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
+            processor.save_pretrained(args.output_dir)
+            if eval_results is not None:
+                write_text_atomically(out / "eval_results.json", json.dumps(eval_results, indent=2))
+            write_card(args, unwrapped, eval_results)
+        except SAVE_ERRORS as error:
+            what = "final model" if eval_results is not None else "model to push"
+            raise SystemExit(
+                f"could not save the {what} in {out}: {error}. The disk is probably full (or the folder not "
+                "writable); eval_results.json and the model card are written only after the weights, so the folder "
+                f"has none. {intact_checkpoint_note(args.output_dir)}"
+            ) from error
 
 
 def write_card(args, model, eval_results) -> None:
-    from model_card import write_model_card
+    from model_card import is_hub_dataset_id, write_model_card
 
-    trained_on = "demo (generated)" if args.preset == "demo" and not (args.data_dir or args.train_file) else None
-    dataset = trained_on or (args.dataset_name if not (args.data_dir or args.train_file) else None)
+    # The card's metadata names Hub datasets only; the demo's data and local files are described in its body.
+    local = args.data_dir or args.train_file or (None if is_hub_dataset_id(args.dataset_name) else args.dataset_name)
+    if args.preset == "demo" and not (args.data_dir or args.train_file):
+        dataset, training_data = None, "the offline demo's generated data"
+    else:
+        dataset, training_data = (None, f"local data: {Path(local).name}") if local else (args.dataset_name, None)
     training_args = {
         k: v
         for k, v in vars(args).items()
@@ -793,13 +1151,15 @@ def write_card(args, model, eval_results) -> None:
         eval_results=eval_results,
         training_args=training_args,
         dataset_name=dataset,
+        training_data=training_data,
         base_models=base_models,
         repo_id=args.hub_model_id,
     )
 
 
-# What stays local when the output folder is pushed: resumable training state and tracker logs.
-HUB_IGNORE_PATTERNS = ["checkpoints/*", "runs/*"]
+# What stays local when the output folder is pushed: resumable training state, the run's settings (local paths) and
+# tracker logs.
+HUB_IGNORE_PATTERNS = ["checkpoints/*", "runs/*", RUN_FILE]
 
 
 def push_folder(args, message: str) -> None:

@@ -9,7 +9,8 @@
 `index` embeds the images (and the captions, if the collection has them) in chunks that are each saved to disk as
 soon as they are done, so an interrupted run picks up where it stopped; when all are done they are joined into
 `images/` (and `captions/`): `datasets` datasets with an `embedding` column (L2-normalised), next to `index.json`,
-which records the model, its `projection_dim` and a fingerprint of its weights. A query with another model fails.
+which records the model, its `projection_dim`, a fingerprint of its weights and configuration, and the images skipped
+because they cannot be decoded (truncated files, decompression bombs). A query with another model fails.
 
 `query` finds the best images for a text, and the best captions (or with `--target images`, the most similar
 images) for an image: exact search with torch, or with `--faiss` a FAISS inner-product index (`pip install
@@ -31,11 +32,22 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from ndclip_inference import BadInputError, contact_sheet, embed_images, embed_texts, find_images, load_ndclip, run_cli
+from ndclip_inference import (
+    BadInputError,
+    contact_sheet,
+    embed_images,
+    embed_texts,
+    find_images,
+    load_ndclip,
+    log_unreadable,
+    positive_int,
+    run_cli,
+)
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
+SKIPPED_FILE = "skipped.json"  # in each chunk: its unreadable images
 # The columns of the saved datasets, besides `embedding` (L2-normalised float32 vectors of `projection_dim`).
 COLUMN_TYPES = {
     "row": datasets.Value("int64"),  # images: position in the collection
@@ -45,24 +57,43 @@ COLUMN_TYPES = {
 }
 
 
+# Config keys that say where and how a model was loaded, not what it computes (the weights' dtype is hashed with them).
+UNHASHED_CONFIG_KEYS = {"transformers_version", "dtype"}
+
+
 def model_fingerprint(model) -> str:
-    """A short hash of the projection heads, the logit scale and the shape of the shared space: it changes whenever
-    the model was trained differently, so embeddings from two models are never mixed."""
-    digest = hashlib.sha256()
-    digest.update(f"{model.config.projection_type} {model.config.projection_dim}".encode())
-    heads = {**model.visual_projection.state_dict(prefix="visual."), **model.text_projection.state_dict(prefix="text.")}
-    heads["logit_scale"] = model.logit_scale
-    for name, tensor in sorted(heads.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    """A short hash of everything the embeddings depend on: every parameter and buffer, and the configuration. Any
+    change to either (another tower weight, another layer-norm epsilon) changes it, so embeddings of two models are
+    never mixed; where the model was loaded from does not.
+
+    The tensors' bytes are read on the CPU in name order, so the hash is the same in every process and on every
+    device. Hashing every weight of a real-size model is cheap next to embedding a collection, and done once per
+    command.
+    """
+    digest = hashlib.sha256(json.dumps(hashed_config(model.config.to_dict()), sort_keys=True).encode())
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, tensor in sorted(tensors.items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {data.dtype} {tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
+
+
+def hashed_config(config: dict) -> dict:
+    """`config` (a config's `to_dict()`, nested for the towers) without `_name_or_path` and the other private
+    bookkeeping keys, nor `UNHASHED_CONFIG_KEYS`."""
+    return {
+        key: hashed_config(value) if isinstance(value, dict) else value
+        for key, value in config.items()
+        if not str(key).startswith("_") and key not in UNHASHED_CONFIG_KEYS
+    }
 
 
 # ----- the collection: a folder of images, or a `datasets` dataset --------------------------------------------------
 
 
 class DatasetImages(Sequence):
-    """The images of a dataset column, decoded one slice at a time."""
+    """The images of a dataset column, decoded one at a time (a file that fails to decode fails alone)."""
 
     def __init__(self, dataset: datasets.Dataset, column: str):
         self.dataset, self.column = dataset.select_columns([column]), column
@@ -71,6 +102,8 @@ class DatasetImages(Sequence):
         return len(self.dataset)
 
     def __getitem__(self, index):
+        if isinstance(index, slice):  # a view, still undecoded
+            return DatasetImages(self.dataset.select(range(len(self))[index]), self.column)
         return self.dataset[index][self.column]
 
 
@@ -131,7 +164,8 @@ def build_index(
 
     Finished chunks are kept on disk and skipped when the same command is run again, so an interrupted run resumes;
     `max_chunks` stops after embedding that many (the rest is done by a later run). Returns the index description
-    (`index.json`) with `chunks_done`: the chunks this call embedded.
+    (`index.json`) with `chunks_done`: the chunks this call embedded. Unreadable images are left out of the index
+    (with their captions) and listed in `skipped`, each with its `row` (and `path`) and `reason`.
     """
     output_dir = Path(output_dir)
     collection = open_collection(source)
@@ -179,9 +213,13 @@ def build_index(
         return {**info, "chunks_done": done}
 
     chunk_dirs = [chunks_dir / f"{k:05d}" for k in range(num_chunks)]
+    info["skipped"] = [entry for chunk in chunk_dirs for entry in json.loads((chunk / SKIPPED_FILE).read_text())]
+    log_unreadable({entry.get("path", f"row {entry['row']}"): entry["reason"] for entry in info["skipped"]})
+    if len(info["skipped"]) == num_images:
+        raise BadInputError(f"none of the {num_images} images of the collection could be read (see the log)")
     for kind in ("images", "captions") if info["has_captions"] else ("images",):
-        parts = [datasets.load_from_disk(str(chunk / kind)) for chunk in chunk_dirs]
-        datasets.concatenate_datasets(parts).save_to_disk(str(output_dir / kind))
+        joined = datasets.concatenate_datasets([datasets.load_from_disk(str(chunk / kind)) for chunk in chunk_dirs])
+        save_dataset(joined, output_dir / kind)
     info["complete"] = True
     write_index_info(output_dir, info)
     shutil.rmtree(chunks_dir)
@@ -194,13 +232,20 @@ def chunk_length(k: int, chunk_size: int, total: int) -> int:
 
 def embed_chunk(model, processor, collection: Collection, k: int, chunk_size: int, chunks_dir: Path, batch_size, bar):
     """Embed the images (and their captions) of chunk `k` and save them as `chunks_dir/0000k/{images,captions}`,
-    written under a temporary name first so that only whole chunks ever appear."""
+    with the chunk's unreadable images in `skipped.json`, written under a temporary name first so that only whole
+    chunks ever appear."""
     start = k * chunk_size
-    rows = range(start, start + chunk_length(k, chunk_size, len(collection.images)))
-    embeddings = embed_images(model, processor, collection.images[rows.start : rows.stop], batch_size, progress=bar)
-    images = {"row": list(rows), "embedding": embeddings.numpy()}
+    chunk_rows = range(start, start + chunk_length(k, chunk_size, len(collection.images)))
+    embeddings, unreadable = embed_images(
+        model, processor, collection.images[chunk_rows.start : chunk_rows.stop], batch_size, progress=bar
+    )
+    skipped = [{"row": start + i, "reason": why} for i, why in unreadable.items()]
+    rows = [row for row in chunk_rows if row - start not in unreadable]
+    images = {"row": rows, "embedding": embeddings.numpy()}
     if collection.paths is not None:
-        images["path"] = collection.paths[rows.start : rows.stop]
+        images["path"] = [collection.paths[row] for row in rows]
+        for entry in skipped:
+            entry["path"] = collection.paths[entry["row"]]
     parts = {"images": images}
     if collection.captions is not None:
         owners = [row for row in rows for _ in collection.captions[row]]
@@ -217,8 +262,15 @@ def embed_chunk(model, processor, collection: Collection, k: int, chunk_size: in
     for kind, columns in parts.items():
         features = datasets.Features({name: COLUMN_TYPES.get(name, embedding) for name in columns})
         with quiet_datasets():
-            datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(temporary / kind))
+            save_dataset(datasets.Dataset.from_dict(columns, features=features), temporary / kind)
+    (temporary / SKIPPED_FILE).write_text(json.dumps(skipped, indent=2) + "\n")
     temporary.rename(chunks_dir / f"{k:05d}")
+
+
+def save_dataset(dataset: datasets.Dataset, path: Path) -> None:
+    """`dataset.save_to_disk`, which writes no file at all for an empty dataset (a chunk of unreadable images, a
+    collection without captions) unless asked for one shard; without it the folder cannot be loaded back."""
+    dataset.save_to_disk(str(path), num_shards=None if len(dataset) else 1)
 
 
 @contextmanager
@@ -306,6 +358,8 @@ def query_index(
     its `path` for a folder, and the `caption` for caption results."""
     if (text is None) == (image is None):
         raise BadInputError("give exactly one query: a text or an image")
+    if top_k < 1:
+        raise BadInputError(f"top_k must be at least 1, got {top_k}")
     if target == "auto":
         target = "captions" if image is not None and "captions" in index else "images"
     if target not in index:
@@ -313,18 +367,21 @@ def query_index(
     if text is not None:
         query = embed_texts(model, processor, [text])[0]
     else:
-        query = embed_images(model, processor, [image], progress=tqdm(disable=True))[0]
+        embeddings, unreadable = embed_images(model, processor, [image], progress=tqdm(disable=True))
+        if unreadable:
+            raise BadInputError(f"cannot read the query image {image}: {unreadable[0]}")
+        query = embeddings[0]
     scores, indices = nearest(index[target], query, top_k, use_faiss)
     results = []
     for rank, (score, i) in enumerate(zip(scores, indices), start=1):
         entry = index[target][i]
         result = {"rank": rank, "score": round(score, 6)}
-        if target == "captions":
-            result["caption"] = entry["caption"]
-            entry = index["images"][entry["image_row"]]
-        result["row"] = entry["row"]
-        if "path" in entry:
-            result["path"] = entry["path"]
+        if target == "captions":  # only dataset collections have captions: their images have no path
+            result["caption"], result["row"] = entry["caption"], entry["image_row"]
+        else:
+            result["row"] = entry["row"]
+            if "path" in entry:
+                result["path"] = entry["path"]
         results.append(result)
     return results
 
@@ -334,8 +391,6 @@ def format_results(results: Sequence[dict], width: int = 60) -> str:
     lines = ["rank  score   match", "----  ------  " + "-" * width]
     for r in results:
         match = r.get("caption") or r.get("path") or f"row {r['row']}"
-        if "caption" in r and "path" in r:
-            match += f"  [{Path(r['path']).name}]"
         lines.append(
             f"{r['rank']:>4}  {r['score']:.4f}  {match if len(match) <= width else match[: width - 3] + '...'}"
         )
@@ -370,9 +425,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     index.add_argument("--image_column", default="image")
     index.add_argument("--caption_column", help="caption column(s), comma-separated; each a string or a list")
     index.add_argument("--output_dir", required=True)
-    index.add_argument("--batch_size", type=int, default=32)
-    index.add_argument("--chunk_size", type=int, default=1024, help="images per chunk saved to disk")
-    index.add_argument("--max_chunks", type=int, help="stop after embedding this many chunks (resume later)")
+    index.add_argument("--batch_size", type=positive_int, default=32)
+    index.add_argument("--chunk_size", type=positive_int, default=1024, help="images per chunk saved to disk")
+    index.add_argument("--max_chunks", type=positive_int, help="stop after embedding this many chunks (resume later)")
     index.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
 
     query = commands.add_parser("query", help="search an index with a text or an image")
@@ -382,7 +437,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     what.add_argument("--text", help="find the images that best match this text")
     what.add_argument("--image", help="find the captions (or images) that best match this image file")
     query.add_argument("--target", choices=("auto", "images", "captions"), default="auto")
-    query.add_argument("--top_k", type=int, default=5)
+    query.add_argument("--top_k", type=positive_int, default=5)
     query.add_argument("--faiss", action="store_true", help="search a FAISS index instead of exactly with torch")
     query.add_argument("--json", help="write the results to this JSON file")
     query.add_argument("--png", help="write a strip of the top images to this PNG file")
@@ -419,9 +474,9 @@ def main(argv: Sequence[str] | None = None):
             args.chunk_size,
             args.max_chunks,
         )
-        print(
-            f"{args.output_dir}: {summary['num_images']} images, {'complete' if summary['complete'] else 'unfinished'}"
-        )
+        skipped = f", {len(summary['skipped'])} unreadable and skipped" if summary.get("skipped") else ""
+        state = "complete" if summary["complete"] else "unfinished"
+        print(f"{args.output_dir}: {summary['num_images']} images{skipped}, {state}")
         return summary
 
     info = read_index_info(args.index)

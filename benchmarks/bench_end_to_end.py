@@ -249,7 +249,8 @@ def measure_size(args, size: str, data_dir: Path, train_split, tokenizer, workdi
         out = workdir / f"run_{size}_workers{workers}"
         run = run_clip_timed(
             ["--model_name_or_path", str(model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
-             "--max_train_steps", str(steps), "--per_device_train_batch_size", str(batch_size),
+             "--overwrite_output_dir", "--max_train_steps", str(steps),
+             "--per_device_train_batch_size", str(batch_size),
              "--logging_steps", "1", "--seed", str(args.seed), "--dataloader_num_workers", str(workers)],
             child_env(workdir, args.threads),
         )

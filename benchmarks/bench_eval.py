@@ -3,9 +3,12 @@ image->text and text->image recall@1/5/10 and median ranks) for 1000 images x 50
 (10,000 x 50,000), embeddings given, showing that its memory stays bounded.
 
 The embeddings are random, L2-normalised, `--dim` wide (256, NdCLIP's projection), 5 captions per image, each
-caption its image's embedding plus noise. The baseline is the naive evaluation that materialises the whole
-`[images, captions]` similarity matrix (and boolean masks of the same shape); it is checked to give the same
-metrics, and it is run at the small size only: at 10,000 x 50,000 its similarity matrix alone would take
+caption its image's embedding plus noise; `--shared_captions` of them are copies of another caption (as captions
+repeated word for word under several images in Flickr8k), so the evaluation meets exact ties. The baseline is the
+naive evaluation that materialises the whole `[images, captions]` similarity matrix (and boolean masks of the same
+shape) and applies the tie rule (ties broken at random, in expectation) on its own: counts from the masks,
+probabilities from log-binomials rather than the library's product form. It is checked to give the same metrics,
+and it is run at the small size only: at 10,000 x 50,000 its similarity matrix alone would take
 10,000 x 50,000 x 4 bytes = 2.0 GB, which is computed and reported instead.
 
 Time: the naive and the chunked evaluation run interleaved after a warmup, medians and their ratio; the large
@@ -57,6 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=int, default=1000, help="images of the small size (captions: 5x)")
     parser.add_argument("--scale", type=int, default=10, help="the large size has this many times more of both")
     parser.add_argument("--captions_per_image", type=int, default=5)
+    parser.add_argument(
+        "--shared_captions", type=float, default=0.1, help="fraction of captions that copy another caption exactly"
+    )
     parser.add_argument("--dim", type=int, default=256, help="embedding width")
     parser.add_argument("--chunk_size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5, help="timed runs per candidate at the small size")
@@ -67,13 +73,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def make_embeddings(num_images: int, captions_per_image: int, dim: int, seed: int, device: str):
-    """L2-normalised image embeddings, and `captions_per_image` noisy copies of each as caption embeddings."""
+def make_embeddings(num_images: int, captions_per_image: int, dim: int, seed: int, device: str, shared: float = 0.0):
+    """L2-normalised image embeddings, and `captions_per_image` noisy copies of each as caption embeddings, a
+    `shared` fraction of which are then replaced by an exact copy of a random caption (mostly another image's)."""
     generator = torch.Generator().manual_seed(seed)
     image_embeds = torch.nn.functional.normalize(torch.randn(num_images, dim, generator=generator), dim=-1)
     text_image_ids = torch.arange(num_images).repeat_interleave(captions_per_image)
     noise = torch.randn(len(text_image_ids), dim, generator=generator).mul_(0.3)
     text_embeds = torch.nn.functional.normalize(noise.add_(image_embeds[text_image_ids]), dim=-1)
+    num_shared = int(shared * len(text_embeds))
+    copies = torch.randperm(len(text_embeds), generator=generator)[:num_shared]
+    text_embeds[copies] = text_embeds[torch.randint(len(text_embeds), (num_shared,), generator=generator)]
     return image_embeds.to(device), text_embeds.to(device), text_image_ids.to(device)
 
 
@@ -82,20 +92,50 @@ def naive_retrieval_metrics(image_embeds, text_embeds, text_image_ids, ks=KS) ->
     similarity = image_embeds @ text_embeds.t()  # [N, M]
     images = torch.arange(len(image_embeds), device=similarity.device)
     correct = text_image_ids[None, :] == images[:, None]  # [N, M]
-    best_correct = similarity.masked_fill(~correct, float("-inf")).amax(dim=1)
-    image_ranks = (similarity > best_correct[:, None]).sum(dim=1) + 1
-    correct_score = similarity[text_image_ids, torch.arange(len(text_embeds), device=similarity.device)]
-    text_ranks = (similarity > correct_score[None, :]).sum(dim=0) + 1
-    metrics = {f"image_to_text_recall@{k}": (image_ranks <= k).float().mean().item() for k in ks}
-    metrics |= {f"text_to_image_recall@{k}": (text_ranks <= k).float().mean().item() for k in ks}
-    metrics["image_to_text_median_rank"] = median(image_ranks)
-    metrics["text_to_image_median_rank"] = median(text_ranks)
+    metrics, ranks = {}, {}
+    # Text -> image from its own matmul, as the library computes it: ties must compare within one product.
+    for direction, scores, is_correct in (
+        ("image_to_text", similarity, correct),
+        ("text_to_image", text_embeds @ image_embeds.t(), correct.t()),
+    ):
+        recall_at, ranks[direction] = naive_first_correct(scores, is_correct)
+        metrics |= {f"{direction}_recall@{k}": recall_at(k).mean().item() for k in ks}
+    metrics["image_to_text_median_rank"] = median(ranks["image_to_text"])
+    metrics["text_to_image_median_rank"] = median(ranks["text_to_image"])
     return metrics
+
+
+def naive_first_correct(scores: torch.Tensor, correct: torch.Tensor):
+    """Per query row of `scores` (`[Q, C]`, `correct` the mask of its correct candidates): a function of K giving
+    P(first correct in the top K) when tied candidates come in a uniformly random order, and the expected rank.
+
+    P = 1 - C(t, m) / C(t + c, m): all `m = K - g` tied places of the top K go to the `t` tied wrong candidates
+    (`g` strictly better, `c` correct tied). A NaN or an infinity anywhere in the row is a miss.
+    """
+    best = scores.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)
+    tied = scores == best
+    better = (scores > best).sum(dim=1).double()
+    tied_correct = (tied & correct).sum(dim=1).double()
+    tied_wrong = (tied & ~correct).sum(dim=1).double()
+    miss = ~scores.isfinite().all(dim=1)
+
+    def log_binomial(n, k):
+        return torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+
+    def recall_at(k: int) -> torch.Tensor:
+        places = k - better
+        inside = places.clamp(min=0).minimum(tied_wrong)  # valid lgamma arguments; the where() below decides
+        all_wrong = torch.exp(log_binomial(tied_wrong, inside) - log_binomial(tied_wrong + tied_correct, inside))
+        hit = torch.where(places <= 0, 0.0, torch.where(places > tied_wrong, 1.0, 1 - all_wrong))
+        return hit.masked_fill(miss, 0.0)
+
+    ranks = (better + (tied_wrong + tied_correct + 1) / (tied_correct + 1)).masked_fill(miss, scores.shape[1])
+    return recall_at, ranks
 
 
 def median(values: torch.Tensor) -> float:
     """As `numpy.median`: the mean of the two middle values for an even count."""
-    ordered = values.float().sort().values
+    ordered = values.double().sort().values
     middle = len(ordered) // 2
     return ordered[middle].item() if len(ordered) % 2 else ((ordered[middle - 1] + ordered[middle]) / 2).item()
 
@@ -114,7 +154,9 @@ def size_key(num_images: int, captions_per_image: int) -> str:
 
 
 def measure_time(args, num_images: int, methods: tuple[str, ...], steps: int) -> dict:
-    embeddings = make_embeddings(num_images, args.captions_per_image, args.dim, args.seed, args.device)
+    embeddings = make_embeddings(
+        num_images, args.captions_per_image, args.dim, args.seed, args.device, args.shared_captions
+    )
     candidates = {method: evaluation(method, embeddings, args.chunk_size) for method in methods}
     times = time_interleaved(candidates, rounds=steps, warmup=args.warmup, device=args.device, alternate_order=True)
     result = {method: summarize(seconds) for method, seconds in times.items()}
@@ -131,7 +173,9 @@ def measure_time(args, num_images: int, methods: tuple[str, ...], steps: int) ->
 
 def memory_child(args) -> dict:
     """Runs inside the fresh subprocess: the extra peak memory of one evaluation."""
-    embeddings = make_embeddings(args.images, args.captions_per_image, args.dim, args.seed, args.device)
+    embeddings = make_embeddings(
+        args.images, args.captions_per_image, args.dim, args.seed, args.device, args.shared_captions
+    )
     run = evaluation(args.memory_child, embeddings, args.chunk_size)
     memory = PeakMemory(args.device)
     gc.collect()
@@ -145,7 +189,8 @@ def memory_child(args) -> dict:
 def measure_memory(args, num_images: int, method: str) -> dict:
     argv = (
         f"--memory_child {method} --images {num_images} --captions_per_image {args.captions_per_image} "
-        f"--dim {args.dim} --chunk_size {args.chunk_size} --device {args.device} --seed {args.seed}"
+        f"--dim {args.dim} --chunk_size {args.chunk_size} --device {args.device} --seed {args.seed} "
+        f"--shared_captions {args.shared_captions}"
     ).split()
     if args.threads:
         argv += ["--threads", str(args.threads)]
@@ -178,7 +223,12 @@ def main(argv=None) -> None:
     result = {
         "benchmark": "eval",
         "hardware": hardware_info(args.device),
-        "setup": {"dim": args.dim, "captions_per_image": args.captions_per_image, "chunk_size": args.chunk_size},
+        "setup": {
+            "dim": args.dim,
+            "captions_per_image": args.captions_per_image,
+            "shared_captions": args.shared_captions,
+            "chunk_size": args.chunk_size,
+        },
         "time": {
             small_key: measure_time(args, small, ("naive", "chunked"), args.steps),
             large_key: measure_time(args, large, ("chunked",), args.large_steps),

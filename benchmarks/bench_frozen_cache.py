@@ -158,7 +158,7 @@ def main(argv=None) -> None:
             runs = {}
             for name, extra in (("cached", []), ("uncached", ["--disable_feature_cache"])):
                 out = workdir / f"run_{size}_{frozen}_{name}"
-                runs[name] = run_clip_timed([*common, "--output_dir", str(out), *extra],
+                runs[name] = run_clip_timed([*common, "--output_dir", str(out), "--overwrite_output_dir", *extra],
                                             child_env(workdir, args.threads))
             timelines = {name: epoch_timeline(run) for name, run in runs.items()}
             result["configs"][f"{size}/{frozen}"] = {

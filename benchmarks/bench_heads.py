@@ -15,7 +15,7 @@ Retrieval quality after the same training budget: `run_clip.py --preset demo --p
 --seed S` in a subprocess for each head type and each of `--quality_seeds` (the offline demo: generated shapes,
 tiny towers, the demo's full budget of 20 epochs unless `--quality_steps`; the same seed gives both runs the same
 data, captions and crops), then its `eval_results.json` on the 200 held-out images: image->text and text->image
-R@1 / R@5 and the zero-shot accuracy, beside the heads' parameter count in that model. A run takes about 2.5
+R@1 / R@5 and the zero-shot accuracy, beside the heads' parameter count in that model. A run takes a few
 minutes on 2 CPU cores; `--no_quality` skips them.
 
     python benchmarks/bench_heads.py

@@ -1,8 +1,11 @@
 """Shared fixtures: a tiny NdCLIP (ViT image 30 / patch 2 / hidden 32, DistilBERT 2 layers / dim 32), a tokenizer
 trained offline on a few captions, and small generated images. Nothing here touches the network."""
 
+import io
 import os
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere
@@ -67,3 +70,25 @@ def saved_model_dir(tmp_path_factory, make_model, processor):
     make_model().save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def write_unreadable_images(folder: Path) -> list[str]:
+    """Write three files that PIL identifies as images but cannot decode, and return their names: a JPEG and a PNG
+    cut after their headers (truncated downloads), and a real decompression bomb: a 1-bit PNG of 20,000 x 10,000
+    pixels (over twice PIL's `MAX_IMAGE_PIXELS`, so `Image.open` raises `DecompressionBombError`) whose blank rows
+    compress to a few kB."""
+    for name, image_format in (("truncated.jpg", "JPEG"), ("truncated.png", "PNG")):
+        encoded = io.BytesIO()
+        random_images(1, seed=11)[0].save(encoded, image_format)
+        (folder / name).write_bytes(encoded.getvalue()[: len(encoded.getvalue()) * 2 // 3])
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    width, height = 20_000, 10_000
+    rows = zlib.compress(bytes(height * (1 + width // 8)), 9)  # each row: filter byte 0, then width / 8 zero bytes
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    (folder / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )
+    return ["bomb.png", "truncated.jpg", "truncated.png"]

@@ -106,7 +106,7 @@ def test_eval():
     assert positive(result["time"][small]["naive"]["median_s"])
     assert positive(result["time"][small]["chunked"]["median_s"])
     assert positive(result["time"][small]["chunked_vs_naive_time"])
-    assert result["time"][small]["metrics_max_abs_diff_naive_vs_chunked"] == pytest.approx(0.0, abs=0.02)
+    assert result["time"][small]["metrics_max_abs_diff_naive_vs_chunked"] == pytest.approx(0.0, abs=1e-9)
     assert positive(result["time"][large]["chunked"]["median_s"])
     assert "naive" not in result["time"][large]
     for size, methods in ((small, ("naive", "chunked")), (large, ("chunked",))):

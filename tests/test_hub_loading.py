@@ -3,13 +3,17 @@ process started in another directory (as a user of the Hub would), including the
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import CAPTIONS, random_images
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from test_modeling_ndclip import assert_heads_follow_documented_init
+from transformers import PreTrainedModel
 
 from configuration_ndclip import NdClipConfig
 from modeling_ndclip import NdClipModel
@@ -36,12 +40,112 @@ def test_saved_folder_is_hub_ready(saved_model_dir):
 
 def test_save_load_round_trip_gives_identical_outputs(saved_model_dir, make_model, batch):
     original = make_model()
-    reloaded = NdClipModel.from_pretrained(saved_model_dir).eval()
+    reloaded, info = NdClipModel.from_pretrained(saved_model_dir, output_loading_info=True)
+    reloaded.eval()
     assert isinstance(reloaded.config, NdClipConfig)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert original.state_dict().keys() == reloaded.state_dict().keys()
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
     with torch.no_grad():
         a, b = original(**batch, return_loss=True), reloaded(**batch, return_loss=True)
     torch.testing.assert_close(a.logits_per_image, b.logits_per_image, rtol=0, atol=0)
     torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+
+
+HEAD_KEYS = ("visual_projection.", "text_projection.", "logit_scale")
+
+
+@pytest.fixture
+def seeded_weight_init(monkeypatch):
+    """Reseed before each module's initialisation (the trick of transformers' own `test_can_init_all_missing_weights`),
+    so that a module gets the same random weights whether `__init__` initialises it or `from_pretrained` does
+    because the checkpoint lacks it: the two paths can then be compared value for value."""
+    original = PreTrainedModel._initialize_weights
+
+    def seeded(self, module, *args, **kwargs):
+        torch.manual_seed(0)
+        return original(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "_initialize_weights", seeded)
+
+
+def drop_from_checkpoint(folder, prefixes: tuple[str, ...]) -> set[str]:
+    """Rewrite `folder/model.safetensors` without the keys starting with `prefixes`; returns the dropped keys."""
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    kept = {key: tensor for key, tensor in weights.items() if not key.startswith(prefixes)}
+    save_file(kept, path, metadata={"format": "pt"})
+    return set(weights) - set(kept)
+
+
+def assert_heads_equal(a: NdClipModel, b: NdClipModel) -> None:
+    heads = {k: v for k, v in a.state_dict().items() if k.startswith(HEAD_KEYS)}
+    assert heads and heads.keys() == {k for k in b.state_dict() if k.startswith(HEAD_KEYS)}
+    for name, tensor in heads.items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+
+
+def test_heads_missing_from_a_checkpoint_are_initialised_as_fresh_ones(
+    saved_model_dir, tmp_path, make_model, batch, seeded_weight_init
+):
+    folder = shutil.copytree(saved_model_dir, tmp_path / "model")
+    dropped = drop_from_checkpoint(folder, HEAD_KEYS)
+    loaded, info = NdClipModel.from_pretrained(folder, output_loading_info=True)
+    assert info["missing_keys"] == dropped and len(dropped) == 9  # 2 heads x 2 layers x (weight, bias), logit_scale
+    assert_heads_equal(loaded, make_model())
+    complete = NdClipModel.from_pretrained(saved_model_dir)
+    for name, tensor in complete.state_dict().items():
+        if not name.startswith(HEAD_KEYS):
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+    with torch.no_grad():
+        assert torch.isfinite(loaded.eval()(**batch, return_loss=True).loss)
+
+
+def test_heads_of_another_projection_type_are_initialised_as_documented(saved_model_dir, batch):
+    """An ndlinear checkpoint loaded as `projection_type="linear"`: the linear heads are missing, the ndlinear ones
+    unexpected; the new heads get the documented init (not uninitialised memory)."""
+    loaded, info = NdClipModel.from_pretrained(
+        saved_model_dir, projection_type="linear", initializer_factor=3.0, output_loading_info=True
+    )
+    heads = ("visual_projection", "text_projection")
+    assert info["missing_keys"] == {f"{h}.linear.{p}" for h in heads for p in ("weight", "bias")}
+    assert {k.split(".")[1] for k in info["unexpected_keys"]} == {"ndlinear"} and len(info["unexpected_keys"]) == 8
+    assert_heads_follow_documented_init(loaded, tolerance=0.2)
+    with torch.no_grad():
+        assert torch.isfinite(loaded.eval()(**batch).logits_per_image).all()
+
+
+def test_heads_resized_with_ignore_mismatched_sizes_are_initialised_as_fresh_ones(
+    saved_model_dir, make_model, batch, seeded_weight_init
+):
+    loaded, info = NdClipModel.from_pretrained(
+        saved_model_dir, projection_dim=36, projection_grid=None, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    assert loaded.config.projection_grid == [6, 6]
+    assert len(info["mismatched_keys"]) == 8 and not info["missing_keys"]  # 16 = 4 x 4 -> 36 = 6 x 6: every layer
+    assert_heads_equal(loaded, make_model(projection_dim=36))
+    with torch.no_grad():
+        assert torch.isfinite(loaded.eval()(**batch).logits_per_image).all()
+
+
+def test_new_projection_dim_with_the_stored_grid_is_an_error(saved_model_dir):
+    """config.json stores the resolved grid (4 x 4 for 16): a new `projection_dim` alone must not build the old head
+    under a config that claims the new size."""
+    with pytest.raises(ValueError, match=r"projection_grid` \[4, 4\] has 16 cells.*must have 36"):
+        NdClipModel.from_pretrained(saved_model_dir, projection_dim=36, ignore_mismatched_sizes=True)
+    with pytest.raises(ValueError, match=r"unknown `projection_type` 'mlp'"):
+        NdClipModel.from_pretrained(saved_model_dir, projection_type="mlp")
+
+
+def test_a_model_loaded_without_any_weights_equals_a_fresh_one(make_model, seeded_weight_init):
+    """transformers' `test_can_init_all_missing_weights`: with nothing loaded, `from_pretrained` must initialise every
+    parameter exactly as `__init__` does (towers, heads and logit_scale)."""
+    fresh = make_model()
+    empty = NdClipModel.from_pretrained(None, config=fresh.config, state_dict={})
+    assert fresh.state_dict().keys() == empty.state_dict().keys()
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, empty.state_dict()[name]), name
 
 
 def test_processor_round_trip(saved_model_dir, processor):

@@ -3,6 +3,7 @@ the `jxie/flickr8k` parquet layout, the Kaggle and the original Flickr8k folders
 
 import logging
 import os
+import re
 
 import datasets
 import numpy as np
@@ -39,6 +40,7 @@ from flickr8k_layouts import (
     write_messy_images,
     write_original_flickr8k,
 )
+from ndclip_inference import open_image
 from tiny_towers import train_wordpiece_tokenizer
 
 datasets.disable_progress_bars()
@@ -160,6 +162,82 @@ def test_token_line_without_tab_names_file_and_line(tmp_path, cache_dir):
         load_image_caption_dataset(data_dir=str(tmp_path), cache_dir=cache_dir)
 
 
+@pytest.mark.parametrize(
+    "contents",
+    [
+        # The quote never closes: csv reads the rest of the file into one caption.
+        'image,caption\na.jpg,a dog runs\na.jpg,"a dog , near the sea\nb.jpg,a cat sits\nb.jpg,a cat runs\n',
+        # The next quoted caption's opening quote closes it, lines later.
+        'image,caption\na.jpg,a dog runs\na.jpg,"a dog , near the sea\nb.jpg,a cat sits\nb.jpg,"a cat , runs"\n',
+    ],
+    ids=["never_closed", "closed_lines_later"],
+)
+def test_unterminated_quote_in_kaggle_captions_names_the_line_where_it_opens(tmp_path, cache_dir, contents):
+    write_images(tmp_path / "Images", ["a.jpg", "b.jpg"])
+    (tmp_path / "captions.txt").write_text(contents)
+    with pytest.raises(ValueError, match=r"captions\.txt, line 3: .*quote"):
+        load_image_caption_dataset(data_dir=str(tmp_path), cache_dir=cache_dir)
+
+
+def test_caption_files_with_a_utf8_byte_order_mark_are_read(tmp_path, cache_dir):
+    """Windows editors save UTF-8 with a BOM: the Kaggle header must still be found, and the first image of the token
+    file and of a split list must keep its name."""
+    write_kaggle_flickr8k(tmp_path / "kaggle", count=4)
+    captions_file = tmp_path / "kaggle" / "captions.txt"
+    captions_file.write_text("\ufeff" + captions_file.read_text(), encoding="utf-8")
+    write_original_flickr8k(tmp_path / "original", "Flickr8k_Dataset")
+    text_dir = tmp_path / "original" / "Flickr8k_text"
+    for name in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt"):
+        (text_dir / name).write_text("\ufeff" + (text_dir / name).read_text(), encoding="utf-8")
+
+    kaggle = load_image_caption_dataset(data_dir=str(tmp_path / "kaggle"), validation_fraction=0.5, cache_dir=cache_dir)
+    original = load_image_caption_dataset(data_dir=str(tmp_path / "original"), cache_dir=cache_dir)
+
+    assert sorted(captions for split in kaggle.values() for captions in split["captions"][:]) == [
+        captions_of(n) for n in range(4)
+    ]
+    assert {split: len(original[split]) for split in original} == {"train": 4, "validation": 2, "test": 2}
+    assert original.dropped_samples == {"train": {}, "validation": {}, "test": {}}
+    assert original["train"]["captions"][0] == captions_of(0)
+
+
+def write_latin1_line(path, line_number: int) -> None:
+    """Put a Latin-1 "café" into line `line_number` (1-based) of a UTF-8 text file: in place of the word "photo" of
+    its caption, or at its end when it has none (a split list's image name)."""
+    lines = path.read_bytes().split(b"\n")
+    line, cafe = lines[line_number - 1], "café".encode("latin-1")
+    lines[line_number - 1] = line.replace(b"photo", cafe, 1) if b"photo" in line else line + b" " + cafe
+    path.write_bytes(b"\n".join(lines))
+
+
+def data_with_a_latin1_line(kind, folder) -> tuple[dict, str]:
+    """Data of each source whose captions (or split list) file has a non-UTF-8 line 3: (loader arguments, file)."""
+    if kind == "kaggle":
+        write_kaggle_flickr8k(folder, count=2)
+        path = folder / "captions.txt"
+    elif kind in ("token", "split_list"):
+        write_original_flickr8k(folder, "Flickr8k_Dataset")
+        path = folder / "Flickr8k_text" / ("Flickr8k.token.txt" if kind == "token" else "Flickr_8k.trainImages.txt")
+    elif kind == "csv":
+        path = folder / "train.csv"
+        write_csv_one_caption_per_row(folder, 2)
+    elif kind == "jsonl":
+        path = folder / "train.jsonl"
+        write_jsonl_caption_lists(folder, {"train": range(4)})
+    else:
+        write_imagefolder(folder, 3)
+        path = folder / "metadata.csv"
+    write_latin1_line(path, 3)
+    return {"train_file": str(path)} if kind in ("csv", "jsonl") else {"data_dir": str(folder)}, path.name
+
+
+@pytest.mark.parametrize("kind", ["kaggle", "token", "split_list", "csv", "jsonl", "imagefolder_metadata"])
+def test_caption_files_that_are_not_utf8_name_the_file_and_line(tmp_path, cache_dir, kind):
+    arguments, name = data_with_a_latin1_line(kind, tmp_path / "data")
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}, line 3: not UTF-8 text \(byte \d+: 0xe9\)"):
+        load_image_caption_dataset(cache_dir=cache_dir, **arguments)
+
+
 def test_csv_with_one_caption_per_row_groups_rows_by_relative_image_path(tmp_path, cache_dir):
     csv_file = write_csv_one_caption_per_row(tmp_path / "data", 6)
 
@@ -193,6 +271,34 @@ def test_data_file_without_caption_column_or_with_a_bad_row_names_the_file(tmp_p
     (tmp_path / "bad_row.csv").write_text("image_path,caption\na.png,a dog\nb.png,a dog,running\n")
     with pytest.raises(ValueError, match=r"bad_row\.csv.*line 3"):
         load_image_caption_dataset(train_file=str(tmp_path / "bad_row.csv"), cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize(
+    "file_type, columns, arguments, message",
+    [
+        ("parquet", {"image": [1, 2], "caption": ["a dog", "a cat"]}, {}, "the image column 'image' holds int64"),
+        ("jsonl", {"image": [{"x": 1}, {"x": 2}], "caption": ["a dog", "a cat"]}, {},
+         r"the image column 'image' holds structs \{x\}"),
+        ("csv", {"image_path": ["a.png", "b.png"], "caption": [1, 2]}, {}, "the caption column 'caption' holds int64"),
+        ("parquet", {"image_path": ["a.png", "b.png"], "caption": [1, 2]}, {"caption_column": "caption"},
+         "the caption column 'caption' holds int64"),
+        ("parquet", {"image_path": ["a.png", "b.png"], "caption": [{"raw": "a dog"}, {"raw": "a cat"}]},
+         {"caption_column": "caption"}, r"the caption column 'caption' holds structs \{raw\}"),
+        ("jsonl", {"image_path": ["a.png", "b.png"], "sentences": [[1], [2]]}, {},
+         "the caption column 'sentences' holds lists of int64"),
+        ("parquet", {"image_path": ["a.png", "b.png"], "caption_0": ["a dog", "a cat"], "caption_1": [1.5, 2.5]}, {},
+         "the caption column 'caption_1' holds float64"),
+    ],
+    ids=["int_image", "struct_image", "int_caption", "int_caption_named", "struct_caption", "int_list_captions",
+         "float_numbered_caption"],
+)
+def test_columns_of_the_wrong_type_are_named_with_their_type(tmp_path, cache_dir, file_type, columns, arguments,
+                                                            message):
+    path = str(tmp_path / f"bad.{file_type}")
+    table = Dataset.from_dict(columns)
+    {"parquet": table.to_parquet, "jsonl": table.to_json, "csv": table.to_csv}[file_type](path)
+    with pytest.raises(ValueError, match=rf"bad\.{file_type}: {message}"):
+        load_image_caption_dataset(train_file=path, cache_dir=cache_dir, **arguments)
 
 
 def test_imagefolder_with_captions_in_metadata(tmp_path, cache_dir):
@@ -263,6 +369,51 @@ def test_nothing_usable_is_an_error_naming_split_and_reasons(messy_dataset):
         drop_unusable_samples(broken, "validation")
 
 
+@pytest.mark.parametrize("layout", ["kaggle", "csv"])
+def test_image_paths_outside_the_data_folder_are_skipped_and_counted(tmp_path, cache_dir, caplog, layout):
+    """A captions file naming `../` or absolute paths must not make training read files from elsewhere on the disk.
+    The data folder is `data_dir`, or the folder of a `--train_file`; an image folder linked into it is part of it."""
+    write_images(tmp_path / "private", ["secret.jpg"])
+    secret = tmp_path / "private" / "secret.jpg"
+    data, store = tmp_path / "data", tmp_path / "store"
+    if layout == "kaggle":
+        write_kaggle_flickr8k(store, count=4)
+        escaping = ["../../private/secret.jpg", str(secret)]  # image names are relative to data/Images
+        data.mkdir()
+        (data / "captions.txt").write_text(
+            (store / "captions.txt").read_text() + "".join(f"{path},a secret\n" for path in escaping)
+        )
+        (data / "Images").symlink_to(store / "Images")
+        arguments = {"data_dir": str(data)}
+    else:
+        write_csv_one_caption_per_row(store, 4)
+        escaping = ["../private/secret.jpg", str(secret)]
+        rows = Dataset.from_csv(str(store / "train.csv")).to_dict()
+        rows = {"image_path": rows["image_path"] + escaping, "caption": rows["caption"] + ["a secret"] * 2}
+        data.mkdir()
+        Dataset.from_dict(rows).to_csv(str(data / "train.csv"))
+        (data / "pictures").symlink_to(store / "pictures")
+        arguments = {"train_file": str(data / "train.csv")}
+
+    with caplog.at_level(logging.WARNING, logger="image_caption_data"):
+        loaded = load_image_caption_dataset(validation_fraction=0.25, cache_dir=cache_dir, **arguments)
+
+    assert loaded.dropped_samples["train"] == {"outside_data_folder": 2}
+    captions = sorted(captions for split in loaded.values() for captions in split["captions"][:])
+    assert captions == [captions_of(n) for n in range(4)], "the images of the linked folder are all kept"
+    [message] = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
+    assert f"2 outside_data_folder ({secret}, {secret})" in message
+
+
+def test_imagefolder_metadata_naming_a_file_outside_the_folder_is_a_clear_error(tmp_path, cache_dir):
+    write_imagefolder(tmp_path / "folder", 2)
+    write_images(tmp_path, ["secret.png"], image_format="PNG")
+    with open(tmp_path / "folder" / "metadata.csv", "a") as file:
+        file.write("../secret.png,a secret\n")
+    with pytest.raises(ValueError, match=r"folder: could not be read as an imagefolder: .*'\.\./secret\.png'"):
+        load_image_caption_dataset(data_dir=str(tmp_path / "folder"), cache_dir=cache_dir)
+
+
 def test_loader_drops_unusable_rows_before_numbering_images(tmp_path, cache_dir):
     write_images(tmp_path, [f"{n}.png" for n in range(4)], image_format="PNG")
     (tmp_path / "3.png").write_text("not an image")
@@ -320,6 +471,58 @@ def test_train_transform_is_random_but_keeps_left_right_and_colours(image_proces
         red, blue = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1), torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1)
         torch.testing.assert_close(left, red.expand_as(left))
         torch.testing.assert_close(right, blue.expand_as(right))
+
+
+def deep_grey(grey: PILImage.Image, mode: str, values: str) -> PILImage.Image:
+    """The 8-bit greyscale picture `grey` as PIL gives it from a deeper file: `values` "16-bit" (v * 257, as an 8-bit
+    value is widened), "8-bit" (v), "unit" (v / 255) or "offset" (1000 v - 100000, a range to stretch)."""
+    v = np.asarray(grey).astype(np.int64)
+    array = {"16-bit": v * 257, "8-bit": v, "unit": v / 255, "offset": 1000 * v - 100000}[values]
+    if mode == "I;16B":
+        return PILImage.frombytes(mode, grey.size, array.astype(">u2").tobytes())
+    return PILImage.fromarray(array.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+
+
+def full_range_grey() -> PILImage.Image:
+    grey = np.asarray(picture(0, size=(40, 48), mode="L")).copy()
+    grey[0, :2] = [0, 255]  # the full 8-bit range, so that a stretched range maps back onto it exactly
+    return PILImage.fromarray(grey)
+
+
+@pytest.mark.parametrize(
+    "mode, values",
+    [("I;16", "16-bit"), ("I;16B", "16-bit"), ("I", "16-bit"), ("I", "8-bit"), ("I", "offset"), ("F", "unit"),
+     ("F", "offset")],
+)
+def test_high_bit_depth_greyscale_gives_the_pixels_of_its_8_bit_rendering(image_processor, mode, values):
+    grey = full_range_grey()
+    deep = deep_grey(grey, mode, values)
+    assert deep.mode == mode
+
+    evaluate = eval_image_transform(image_processor)
+    torch.testing.assert_close(evaluate(deep), evaluate(grey), rtol=0, atol=0)
+    assert np.array_equal(np.asarray(open_image(deep)), np.asarray(grey.convert("RGB")))
+
+
+def test_16_bit_png_gives_the_same_pixels_in_training_and_prediction(tmp_path, image_processor):
+    """A real 16-bit greyscale PNG, read from its file as training (encoded rows, decoded by the transforms; decoded
+    rows) and prediction (`open_image`) read it: the pixels of the same picture saved with 8 bits, not white."""
+    grey = full_range_grey()
+    deep_grey(grey, "I;16", "16-bit").save(tmp_path / "deep.png")
+    grey.save(tmp_path / "grey.png")
+    assert PILImage.open(tmp_path / "deep.png").mode == "I;16"
+    rows = Dataset.from_dict({"image": [str(tmp_path / "deep.png"), str(tmp_path / "grey.png")]})
+    deep_row, grey_row = rows.cast_column("image", Image())
+    deep_encoded, grey_encoded = rows.cast_column("image", Image(decode=False))
+
+    assert np.array_equal(np.asarray(open_image(tmp_path / "deep.png")), np.asarray(open_image(tmp_path / "grey.png")))
+    evaluate, train = eval_image_transform(image_processor), train_image_transform(image_processor)
+    torch.testing.assert_close(evaluate(deep_row["image"]), evaluate(grey_row["image"]), rtol=0, atol=0)
+    torch.testing.assert_close(evaluate(deep_encoded["image"]), evaluate(grey_encoded["image"]), rtol=0, atol=0)
+    torch.manual_seed(0)
+    deep_crop = train(deep_encoded["image"])
+    torch.manual_seed(0)
+    torch.testing.assert_close(deep_crop, train(grey_encoded["image"]), rtol=0, atol=0)
 
 
 def red_left_blue_right(height: int, width: int) -> PILImage.Image:

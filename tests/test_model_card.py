@@ -2,15 +2,19 @@
 the heads, and the folder still loads through the zero-shot pipeline. The upload itself is the only untested step."""
 
 import json
+import re
 import shutil
+from importlib.metadata import requires
 
 import pytest
 from conftest import random_images
 from huggingface_hub import ModelCard
+from packaging.requirements import Requirement
 from transformers import pipeline
 
 from model_card import main, write_model_card
 from modeling_ndclip import NdClipModel
+from run_clip import parse_args, write_card
 
 EVAL_RESULTS = {
     "image_to_text_recall@1": 0.125,
@@ -89,10 +93,10 @@ def test_card_metadata_and_results_parse_back(model_folder):
 def test_card_without_zero_shot_or_without_results(saved_model_dir, tmp_path, make_model):
     model = make_model()
     retrieval_only = {k: v for k, v in EVAL_RESULTS.items() if not k.startswith("zero_shot")}
-    card = write_model_card(tmp_path / "a", model, eval_results=retrieval_only)
+    card = write_model_card(tmp_path / "a", model, eval_results=retrieval_only, dataset_name="jxie/flickr8k")
     parsed = ModelCard.load(tmp_path / "a" / "README.md")
     assert "accuracy" not in metrics_by_type(parsed) and len(parsed.data.eval_results) == 8
-    assert parsed.data.datasets is None and "Zero-shot accuracy" not in card.text
+    assert "Zero-shot accuracy" not in card.text
 
     card = write_model_card(tmp_path / "b", model)  # no eval_results.json there: no model-index, no results table
     parsed = ModelCard.load(tmp_path / "b" / "README.md")
@@ -115,3 +119,51 @@ def test_folder_with_card_loads_through_the_pipeline(model_folder):
     result = classify(random_images(1)[0], candidate_labels=labels)
     assert sorted(r["label"] for r in result) == sorted(labels)
     assert sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "data_argv, datasets, described",
+    [
+        (["--preset", "demo"], None, "Trained on the offline demo's generated data"),
+        (["--data_dir", "{tmp}/my_flickr8k"], None, "Trained on local data: my_flickr8k"),
+        (["--train_file", "{tmp}/pairs.csv"], None, "Trained on local data: pairs.csv"),
+        (["--dataset_name", "{tmp}/saved_dataset"], None, "Trained on local data: saved_dataset"),
+        ([], ["jxie/flickr8k"], "Trained on [jxie/flickr8k](https://huggingface.co/datasets/jxie/flickr8k)"),
+    ],
+)
+def test_training_card_lists_only_hub_datasets(make_model, tmp_path, data_argv, datasets, described):
+    (tmp_path / "saved_dataset").mkdir()  # a dataset saved locally, loaded by path
+    output_dir = tmp_path / "out"
+    args = parse_args([*(arg.format(tmp=tmp_path) for arg in data_argv), "--output_dir", str(output_dir)])
+    write_card(args, make_model(), {**EVAL_RESULTS, "zero_shot_dataset": None, "zero_shot_accuracy": None})
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.datasets == datasets and described in card.text
+    claimed = {result.dataset_type for result in card.data.eval_results or []}
+    assert claimed == set(datasets or [])  # the model-index names no dataset that is not on the Hub
+    assert "| Text-to-image R@5 | 0.35 |" in card.text  # the numbers are in the body either way
+
+
+def test_model_index_names_only_hub_datasets(make_model, tmp_path):
+    zero_shot_folder = tmp_path / "my_classes"
+    zero_shot_folder.mkdir()
+    results = {**EVAL_RESULTS, "zero_shot_dataset": str(zero_shot_folder)}
+    card = write_model_card(tmp_path / "local", make_model(), eval_results=results, training_data="local data: x")
+    assert card.data.eval_results is None and "model-index" not in card.content and "datasets:" not in card.content
+    assert f"| Zero-shot accuracy ({zero_shot_folder.name}) | 0.3125 |" in card.text
+
+    card = write_model_card(tmp_path / "hub_zero_shot", make_model(), eval_results=EVAL_RESULTS)
+    assert {(r.task_type, r.dataset_type) for r in card.data.eval_results} == {
+        ("zero-shot-image-classification", "cifar10")
+    }
+    with pytest.raises(ValueError, match=r"dataset_name 'demo \(generated\)' is not a Hub dataset id"):
+        write_model_card(tmp_path / "bad", make_model(), dataset_name="demo (generated)")
+
+
+def test_card_states_the_versions_the_remote_code_needs(make_model, tmp_path):
+    card = write_model_card(tmp_path, make_model(), dataset_name="jxie/flickr8k")
+    usage = card.text.split("## Usage")[1].split("##")[0]
+    stated = {Requirement(spec).name: Requirement(spec) for spec in re.findall(r'"([a-z]+[<>=][^"]*)"', usage)}
+    installed = {Requirement(spec).name: Requirement(spec) for spec in requires("ndclip")}  # from setup.cfg
+    assert {"transformers", "torch", "ndlinear"} <= set(stated)
+    for name, requirement in stated.items():
+        assert requirement.specifier == installed[name].specifier, name

@@ -10,7 +10,7 @@ from transformers import AutoModel
 
 from configuration_ndclip import NdClipConfig
 from modeling_ndclip import NdClipModel, NdClipProjection
-from tiny_towers import tiny_text_config, tiny_vision_config
+from tiny_towers import tiny_config, tiny_text_config, tiny_vision_config
 
 
 def test_output_shapes_and_symmetry(make_model, batch):
@@ -138,6 +138,35 @@ def test_return_dict_false_gives_a_tuple(make_model, batch):
     assert isinstance(out, tuple) and out[0].dim() == 0
 
 
+def test_get_features_return_tuples_when_return_dict_is_false(make_model, batch):
+    """As transformers' `CLIPModel`: `return_dict=False` (argument or config) gives `to_tuple()` of the output,
+    `(last_hidden_state, projected pooler_output)` here."""
+    model = make_model()
+    text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        image_dict = model.get_image_features(pixel_values=batch["pixel_values"])
+        text_dict = model.get_text_features(**text)
+        image_tuple = model.get_image_features(pixel_values=batch["pixel_values"], return_dict=False)
+        text_tuple = model.get_text_features(**text, return_dict=False)
+    for as_dict, as_tuple in ((image_dict, image_tuple), (text_dict, text_tuple)):
+        assert type(as_tuple) is tuple and len(as_tuple) == 2
+        torch.testing.assert_close(as_tuple[0], as_dict.last_hidden_state, rtol=0, atol=0)
+        torch.testing.assert_close(as_tuple[1], as_dict.pooler_output, rtol=0, atol=0)
+
+
+def test_config_return_dict_false_gives_tuples_everywhere(make_model, batch):
+    model = make_model()
+    model.config.return_dict = False
+    text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        assert type(model(**batch)) is tuple
+        assert type(model.get_image_features(pixel_values=batch["pixel_values"])) is tuple
+        assert type(model.get_text_features(**text)) is tuple
+        # An explicit argument wins over the config, as in transformers.
+        assert model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).pooler_output.dim() == 2
+        assert model(**batch, return_dict=True).logits_per_image.shape == (4, 4)
+
+
 def test_gradient_checkpointing_gives_same_loss_and_gradients(processor, batch):
     from tiny_towers import tiny_config
 
@@ -160,6 +189,55 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(processor, batch):
     assert grads_plain.keys() == grads_ckpt.keys() and len(grads_plain) > 20
     for name in grads_plain:
         torch.testing.assert_close(grads_plain[name], grads_ckpt[name], msg=name)
+
+
+def zero_init_config(vocab_size: int, **overrides):
+    """transformers' `_config_zero_init`: every init scale (heads' `initializer_factor`, the towers'
+    `initializer_range`) near zero, so a parameter that its model's init reaches has mean 0 (weights, biases) or 1
+    (norm weights), and one that it misses keeps torch's default init and shows up."""
+    config = tiny_config(vocab_size, initializer_factor=1e-10, **overrides)
+    for sub_config in (config.vision_config, config.text_config):
+        sub_config.initializer_range = 1e-10
+    return config
+
+
+@pytest.mark.parametrize("projection_type", ["ndlinear", "linear"])
+def test_every_parameter_is_initialised_by_the_model(processor, projection_type):
+    torch.manual_seed(0)
+    model = NdClipModel(zero_init_config(len(processor.tokenizer), projection_type=projection_type))
+    for name, param in model.named_parameters():
+        if name == "logit_scale":
+            assert param.item() == pytest.approx(model.config.logit_scale_init_value), name
+        else:
+            assert ((param.mean() * 1e9).round() / 1e9).item() in (0.0, 1.0), name
+
+
+def head_linears(model: NdClipModel) -> list[torch.nn.Linear]:
+    heads = (model.visual_projection, model.text_projection)
+    return [layer for head in heads for layer in head.modules() if isinstance(layer, torch.nn.Linear)]
+
+
+def assert_heads_follow_documented_init(model: NdClipModel, tolerance: float) -> None:
+    """Each head `nn.Linear` is normal with std `in_features ** -0.5 * initializer_factor`, with a zero bias: the
+    weights divided by their documented std, pooled over all head layers, have mean 0 and std 1."""
+    layers = head_linears(model)
+    assert layers
+    scaled = torch.cat(
+        [layer.weight.flatten() / (layer.in_features**-0.5 * model.config.initializer_factor) for layer in layers]
+    )
+    assert torch.isfinite(scaled).all()
+    assert abs(scaled.mean().item()) < tolerance, scaled.mean().item()
+    assert abs(scaled.std().item() - 1.0) < tolerance, scaled.std().item()
+    for layer in layers:
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+@pytest.mark.parametrize("projection_type", ["ndlinear", "linear"])
+def test_fresh_heads_follow_the_documented_init(make_model, projection_type):
+    # initializer_factor 3: torch's default init (uniform, std in_features ** -0.5 / sqrt(3)) is 5x off. Projection
+    # 256 (16 x 16) gives the NdLinear heads a few hundred weights to estimate the mean and std from.
+    model = make_model(projection_type=projection_type, projection_dim=256, initializer_factor=3.0)
+    assert_heads_follow_documented_init(model, tolerance=0.2)
 
 
 def test_towers_have_no_pooler(make_model):

@@ -3,17 +3,19 @@ sheet, and a clear error for each bad input."""
 
 import json
 import logging
+import math
 import os
+import random
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import CAPTIONS, REPO_ROOT, random_images
-from PIL import Image
+from conftest import CAPTIONS, REPO_ROOT, random_images, write_unreadable_images
+from PIL import Image, ImageDraw, ImageFont
 from transformers import BertConfig, BertModel, pipeline
 
-from ndclip_inference import LINE_HEIGHT, PAD, BadInputError, load_ndclip, run_cli
+from ndclip_inference import LINE_HEIGHT, PAD, BadInputError, fit_text, load_ndclip, run_cli
 from predict import main, parse_labels, predict
 
 LABELS = ["dog", "cat", "red square", "bicycle"]
@@ -63,7 +65,8 @@ def test_probabilities_equal_the_zero_shot_pipeline(saved_model_dir, image_folde
     model, processor = load_ndclip(str(saved_model_dir), "cpu")
     images = sorted(image_folder.glob("*.png"))
     template = "a photo of a {}."
-    results = predict(model, processor, images, LABELS, template=template, top_k=len(LABELS), batch_size=2)
+    results, skipped = predict(model, processor, images, LABELS, template, top_k=len(LABELS), batch_size=2)
+    assert skipped == []
     classify = pipeline("zero-shot-image-classification", model=str(saved_model_dir), trust_remote_code=True)
     for image, result in zip(images, results):
         expected = classify(str(image), candidate_labels=LABELS, hypothesis_template=template)
@@ -196,3 +199,110 @@ def test_command_line_reports_bad_input_in_one_line(saved_model_dir, image_folde
         run_cli(main, "predict.py", argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "predict.py: error: the label list has duplicates: 'dog'\n"
+
+
+def test_unreadable_images_are_skipped_and_counted(saved_model_dir, tmp_path, caplog):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(random_images(2, seed=4)):
+        image.save(folder / f"good_{i}.png")
+    unreadable = write_unreadable_images(folder)
+    out = tmp_path / "out"
+    argv = ["--model", str(saved_model_dir), "--labels", "dog,cat", "--output_dir", str(out)]
+    with caplog.at_level(logging.INFO):
+        main([*argv, "--images", str(folder)])
+
+    assert "skipped 3 unreadable image(s)" in caplog.text and all(name in caplog.text for name in unreadable)
+    report = json.loads((out / "predictions.json").read_text())
+    assert [os.path.basename(p["image"]) for p in report["predictions"]] == ["good_0.png", "good_1.png"]
+    skipped = {os.path.basename(s["image"]): s["reason"] for s in report["skipped"]}
+    assert sorted(skipped) == unreadable
+    assert "decompression bomb" in skipped["bomb.png"] and "truncated" in skipped["truncated.jpg"]
+    with Image.open(out / "contact_sheet.png") as sheet:  # the two readable images only
+        assert sheet.width == 2 * (160 + 2 * PAD)
+
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    write_unreadable_images(only_bad)
+    with pytest.raises(BadInputError, match=r"none of the 3 images in .* could be read"):
+        main([*argv, "--images", str(only_bad)])
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--top_k", "0", "must be a positive integer, got 0"),
+        ("--top_k", "-2", "must be a positive integer, got -2"),
+        ("--batch_size", "0", "must be a positive integer, got 0"),
+        ("--template", "a photo", "needs exactly one '{}' where the label goes, found none"),
+        ("--template", "{} or {}", "needs exactly one '{}' where the label goes, found 2 fields"),
+        ("--template", "a photo of {label}", "found the field '{label}'"),
+        ("--template", "a {0} photo", "found the field '{0}'"),
+        ("--template", "a { photo", "is not a valid format string"),
+    ],
+)
+def test_bad_flags_are_errors_naming_the_flag(saved_model_dir, image_folder, tmp_path, capsys, flag, value, message):
+    argv = ["--model", str(saved_model_dir), "--images", str(image_folder), "--labels", "dog,cat"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output_dir", str(tmp_path / "out"), flag, value])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert f"error: argument {flag}: " in error and message in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_templates_with_escaped_braces_are_fine(make_model, processor):
+    results, _ = predict(make_model(), processor, random_images(1), ["dog", "cat"], template="{{{}}}", top_k=1)
+    assert results[0]["labels"][0]["label"] in ("dog", "cat")
+    for template in ("no placeholder", "{} and {}", "{name}"):
+        with pytest.raises(BadInputError, match="exactly one"):
+            predict(make_model(), processor, random_images(1), ["dog"], template=template)
+    with pytest.raises(BadInputError, match="top_k must be at least 1, got 0"):
+        predict(make_model(), processor, random_images(1), ["dog"], top_k=0)
+
+
+class CountingDraw:
+    """A real `ImageDraw` whose text measurements are counted; more than `budget` of them fail the test at once
+    (the quadratic version would otherwise run for many minutes)."""
+
+    def __init__(self, budget: int):
+        self.draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+        self.budget, self.calls = budget, 0
+
+    def textlength(self, text, font=None):
+        self.calls += 1
+        assert self.calls <= self.budget, f"more than {self.budget} text measurements"
+        return self.draw.textlength(text, font=font)
+
+
+def longest_fitting_prefix(draw, text: str, font, width: int) -> str:
+    """The reference: the whole text if it fits, else the longest prefix that fits with "..." after it."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    fitting = [n for n in range(len(text) + 1) if draw.textlength(text[:n] + "...", font=font) <= width]
+    return text[: max(fitting)] + "..." if fitting else "..."
+
+
+def test_fit_text_measures_a_long_caption_a_logarithmic_number_of_times():
+    font = ImageFont.load_default()
+    caption = ("a dog runs on the grass near a river, " * 2700)[:100_000]
+    budget = 2 * math.ceil(math.log2(len(caption) + 1)) + 4
+    draw = CountingDraw(budget)
+    fitted = fit_text(draw, caption, font, 160)
+    assert draw.calls <= budget
+    assert fitted.endswith("...") and caption.startswith(fitted[:-3])
+    assert draw.draw.textlength(fitted, font=font) <= 160
+    assert draw.draw.textlength(caption[: len(fitted) - 2] + "...", font=font) > 160  # one more character: too wide
+
+
+def test_fit_text_is_the_longest_prefix_that_fits():
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    rng = random.Random(0)
+    alphabet = "iIl.WMmw  a0-é漢"
+    texts = ["", "...", "W" * 40, "i" * 90] + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 50))) for _ in range(60)
+    ]
+    for width in (0, 12, 40, 160):
+        for text in texts:
+            assert fit_text(draw, text, font, width) == longest_fitting_prefix(draw, text, font, width), (text, width)

@@ -3,6 +3,7 @@ checked against the model's own forward pass, exact vs FAISS search, the JSON an
 bad input (another model, an unfinished or missing index, an empty folder)."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -11,10 +12,11 @@ import sys
 import datasets
 import pytest
 import torch
-from conftest import CAPTIONS, REPO_ROOT, random_images
+from conftest import CAPTIONS, REPO_ROOT, random_images, write_unreadable_images
 from PIL import Image
 
 from ndclip_inference import LINE_HEIGHT, PAD, BadInputError, load_ndclip
+from modeling_ndclip import NdClipModel
 from search import build_index, load_index, main, query_index
 
 NUM_IMAGES = 7
@@ -290,3 +292,79 @@ def test_command_line(folder_index, tmp_path):
     assert all(f"{r['score']:.4f}  {r['path']}" in done.stdout for r in results)  # the printed table
     with Image.open(tmp_path / "strip.png") as strip:
         assert strip.size == (4 * (160 + 2 * PAD), 160 + 2 * PAD + 2 * LINE_HEIGHT)
+
+
+def test_index_skips_unreadable_images_and_counts_them(saved_model_dir, tmp_path, caplog, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(random_images(3, seed=6)):
+        image.save(folder / f"good_{i}.png")
+    unreadable = write_unreadable_images(folder)  # bomb.png, truncated.jpg, truncated.png: rows 0, 4 and 5
+    output_dir = tmp_path / "idx"
+    argv = ["index", "--model", str(saved_model_dir), "--images", str(folder), "--output_dir", str(output_dir)]
+    with caplog.at_level(logging.INFO):
+        summary = main([*argv, "--chunk_size", "4"])
+    assert summary["complete"] and summary["num_images"] == 6
+    assert [(entry["row"], os.path.basename(entry["path"])) for entry in summary["skipped"]] == [
+        (0, "bomb.png"), (4, "truncated.jpg"), (5, "truncated.png")
+    ]
+    assert json.loads((output_dir / "index.json").read_text())["skipped"] == summary["skipped"]
+    assert "skipped 3 unreadable image(s)" in caplog.text and all(name in caplog.text for name in unreadable)
+    assert "6 images, 3 unreadable and skipped, complete" in capsys.readouterr().out
+
+    images = datasets.load_from_disk(str(output_dir / "images"))[:]
+    assert images["row"] == [1, 2, 3]
+    assert [os.path.basename(path) for path in images["path"]] == ["good_0.png", "good_1.png", "good_2.png"]
+    results = main(["query", "--index", str(output_dir), "--text", "a dog", "--top_k", "10"])
+    assert sorted(r["row"] for r in results) == [1, 2, 3]
+    with pytest.raises(BadInputError, match=r"cannot read the query image .*truncated.png"):
+        main(["query", "--index", str(output_dir), "--image", str(folder / "truncated.png")])
+
+
+def test_dataset_collection_skips_unreadable_images_with_their_captions(saved_model_dir, tmp_path):
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    random_images(1, seed=3)[0].save(folder / "good.png")
+    names = ["good.png", *write_unreadable_images(folder)]
+    rows = [{"file_name": name, "text": f"caption of {name}"} for name in names]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output_dir = tmp_path / "idx"
+    summary = main(
+        ["index", "--model", str(saved_model_dir), "--data_dir", str(folder), "--caption_column", "text",
+         "--output_dir", str(output_dir)]
+    )  # fmt: skip
+    assert len(summary["skipped"]) == 3
+    captions = datasets.load_from_disk(str(output_dir / "captions"))[:]
+    kept = datasets.load_from_disk(str(output_dir / "images"))[:]["row"]
+    assert len(kept) == 1 and captions["image_row"] == kept
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_top_k_must_be_positive(folder_index, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["query", "--index", str(folder_index), "--text", "a dog", "--top_k", value])
+    assert exit_info.value.code == 2
+    assert f"argument --top_k: must be a positive integer, got {value}" in capsys.readouterr().err
+
+
+def test_index_refuses_a_model_that_differs_in_one_tower_weight(folder_index, saved_model_dir, processor, tmp_path):
+    model = NdClipModel.from_pretrained(saved_model_dir)
+    with torch.no_grad():  # one weight of the image tower, far from the heads and the logit scale
+        model.vision_model.layers[0].attention.q_proj.weight[0, 0] += 0.5
+    other = tmp_path / "other_vision"
+    model.save_pretrained(other)
+    processor.save_pretrained(other)
+    with pytest.raises(BadInputError, match="model mismatch"):
+        main(["query", "--index", str(folder_index), "--model", str(other), "--text", "a dog"])
+
+    model = NdClipModel.from_pretrained(saved_model_dir)  # the same weights, another config
+    model.config.vision_config.layer_norm_eps = 1e-3
+    other_config = tmp_path / "other_config"
+    model.save_pretrained(other_config)
+    processor.save_pretrained(other_config)
+    with pytest.raises(BadInputError, match="model mismatch"):
+        main(["query", "--index", str(folder_index), "--model", str(other_config), "--text", "a dog"])
+
+    copy = tmp_path / "copy"  # the same model elsewhere: where it was loaded from does not matter
+    shutil.copytree(saved_model_dir, copy)
+    assert main(["query", "--index", str(folder_index), "--model", str(copy), "--text", "a dog"])
