@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, SchedulerType, get_scheduler
 
-from image_caption_data import (
+from ndclip.data import (
     CaptionCollator,
     DatasetDownloadError,
     TextCollator,
@@ -42,7 +42,7 @@ from image_caption_data import (
     train_image_transform,
     without_image_decoding,
 )
-from frozen_tower_cache import (
+from ndclip.feature_cache import (
     CachedCaptionCollator,
     CachedTowerCollator,
     caption_offsets,
@@ -51,7 +51,7 @@ from frozen_tower_cache import (
 )
 from modeling_ndclip import NdClipModel, ndclip_loss
 from processing_ndclip import NdClipProcessor
-from retrieval_metrics import chunked_contrastive_loss, retrieval_metrics, zero_shot_accuracy
+from ndclip.metrics import chunked_contrastive_loss, retrieval_metrics, zero_shot_accuracy
 
 logger = get_logger(__name__)
 
@@ -153,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def apply_demo_preset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """The demo's training settings, for every option left at its default on the command line."""
-    from demo_data import DEMO_TRAINING_DEFAULTS
+    from ndclip.demo import DEMO_TRAINING_DEFAULTS
 
     for key, value in DEMO_TRAINING_DEFAULTS.items():
         if getattr(args, key) == parser.get_default(key):
@@ -221,7 +221,7 @@ def build_model_and_processor(args, demo_dataset=None) -> tuple[NdClipModel, NdC
 
 def _build_model_and_processor(args, demo_dataset=None) -> tuple[NdClipModel, NdClipProcessor]:
     if demo_dataset is not None:
-        from demo_data import demo_model_and_processor
+        from ndclip.demo import demo_model_and_processor
 
         return demo_model_and_processor(demo_dataset, seed=args.seed, projection_type=args.projection_type)
     if args.model_name_or_path:
@@ -243,7 +243,7 @@ def _build_model_and_processor(args, demo_dataset=None) -> tuple[NdClipModel, Nd
 
 def load_data(args) -> datasets.DatasetDict:
     if args.preset == "demo" and not (args.data_dir or args.train_file):
-        from demo_data import make_demo_dataset
+        from ndclip.demo import make_demo_dataset
 
         return make_demo_dataset(seed=args.seed)
     use_hub = not (args.data_dir or args.train_file)
@@ -1123,7 +1123,7 @@ def save_hub_folder(accelerator, args, model, processor, eval_results) -> None:
 
 
 def write_card(args, model, eval_results) -> None:
-    from model_card import is_hub_dataset_id, write_model_card
+    from ndclip.hub import is_hub_dataset_id, write_model_card
 
     # The card's metadata names Hub datasets only; the demo's data and local files are described in its body.
     local = args.data_dir or args.train_file or (None if is_hub_dataset_id(args.dataset_name) else args.dataset_name)

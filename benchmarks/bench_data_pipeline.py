@@ -67,12 +67,12 @@ from common import (
     summarize,
     time_interleaved,
 )
-from flickr8k_layouts import captions_of
+from ndclip.layouts import captions_of
 from PIL import Image as PILImage
 from transformers import ViTImageProcessor
 
 from configuration_ndclip import NdClipConfig
-from image_caption_data import (
+from ndclip.data import (
     CaptionCollator,
     _read_kaggle_captions,
     load_image_caption_dataset,
@@ -81,7 +81,7 @@ from image_caption_data import (
 )
 from modeling_ndclip import NdClipModel
 from run_clip import make_loader, optimizer_param_groups
-from tiny_towers import tiny_config, train_wordpiece_tokenizer
+from ndclip.tiny_towers import tiny_config, train_wordpiece_tokenizer
 
 SIZES = ("tiny", "real")
 IMAGE_SIZE = {"tiny": 30, "real": 224}

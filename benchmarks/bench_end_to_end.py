@@ -72,7 +72,7 @@ from common import (
     summarize,
 )
 
-from image_caption_data import CaptionCollator, train_image_transform
+from ndclip.data import CaptionCollator, train_image_transform
 from modeling_ndclip import NdClipModel
 from processing_ndclip import NdClipProcessor
 

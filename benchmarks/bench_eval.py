@@ -49,7 +49,7 @@ from common import (
     time_interleaved,
 )
 
-from retrieval_metrics import retrieval_metrics
+from ndclip.metrics import retrieval_metrics
 
 KS = (1, 5, 10)
 FLOAT_BYTES = 4

@@ -46,7 +46,7 @@ from bench_data_pipeline import SIZES, VOCAB_SIZE, read_captions, write_flickr8k
 from bench_end_to_end import child_env, run_clip_timed, save_model_folder, step_epochs
 from common import add_common_args, emit, finish, hardware_info, setup_torch
 
-from tiny_towers import train_wordpiece_tokenizer
+from ndclip.tiny_towers import train_wordpiece_tokenizer
 
 TARGET = 20.0
 FROZEN_FLAGS = {"both": ["--freeze_vision_model", "--freeze_text_model"], "vision": ["--freeze_vision_model"]}

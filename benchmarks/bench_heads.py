@@ -56,7 +56,7 @@ from torch import nn
 
 from configuration_ndclip import NdClipConfig, tower_width
 from modeling_ndclip import NdClipModel, NdClipProjection
-from tiny_towers import tiny_config
+from ndclip.tiny_towers import tiny_config
 
 SIZES = ("tiny", "real")
 HEAD_TYPES = ("ndlinear", "linear")

@@ -41,12 +41,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 import torch
 from bench_train_step import DEFAULT_BATCH, SIZES, build_model, make_inputs, make_train_step
 from common import add_common_args, emit, finish, hardware_info, setup_torch, summarize, time_interleaved
-from flickr8k_layouts import captions_of
+from ndclip.layouts import captions_of
 from transformers import AutoTokenizer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from image_caption_data import _read_flickr8k_tokens, _read_kaggle_captions
-from tiny_towers import train_wordpiece_tokenizer
+from ndclip.data import _read_flickr8k_tokens, _read_kaggle_captions
+from ndclip.tiny_towers import train_wordpiece_tokenizer
 
 MAX_SEQ_LENGTH = 64  # run_clip.py's default --max_seq_length
 VOCAB_SIZE = 3000

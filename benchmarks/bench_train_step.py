@@ -98,7 +98,7 @@ from torch import nn
 
 from configuration_ndclip import NdClipConfig
 from modeling_ndclip import NdClipModel
-from tiny_towers import tiny_config
+from ndclip.tiny_towers import tiny_config
 
 SIZES = ("tiny", "real")
 SEQ_LEN = 32

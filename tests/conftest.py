@@ -4,7 +4,6 @@ trained offline on a few captions, and small generated images. Nothing here touc
 import io
 import os
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -12,7 +11,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -20,7 +18,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from modeling_ndclip import NdClipModel  # noqa: E402
-from tiny_towers import tiny_config, tiny_processor  # noqa: E402
+from ndclip.tiny_towers import tiny_config, tiny_processor  # noqa: E402
 
 CAPTIONS = [
     "a red square on green grass",

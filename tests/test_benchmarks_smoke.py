@@ -120,7 +120,7 @@ def test_eval():
 
 def test_length_grouping(tmp_path):
     """On captions of a Flickr8k token file, grouping by length pads less than random batches."""
-    from flickr8k_layouts import captions_of
+    from ndclip.layouts import captions_of
 
     token_file = tmp_path / "Flickr8k.token.txt"
     token_file.write_text("".join(f"{n}.jpg#{k}\t{text}\n" for n in range(20) for k, text in enumerate(captions_of(n))))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import ClassLabel, DatasetDict, Image, List, Value
 
-from demo_data import (
+from ndclip.demo import (
     DEMO_CLASS_NAMES,
     DEMO_TRAINING_DEFAULTS,
     DEMO_ZERO_SHOT_TEMPLATE,

@@ -13,7 +13,7 @@ from datasets import ClassLabel, Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 from transformers import CLIPImageProcessor, ViTImageProcessor
 
-from image_caption_data import (
+from ndclip.data import (
     CaptionCollator,
     DatasetDownloadError,
     DecodeImage,
@@ -26,7 +26,7 @@ from image_caption_data import (
     with_image_transform,
     without_image_decoding,
 )
-from flickr8k_layouts import (
+from ndclip.layouts import (
     BOGUS_FLICKR8K_NAME,
     captions_of,
     encoded,
@@ -40,8 +40,8 @@ from flickr8k_layouts import (
     write_messy_images,
     write_original_flickr8k,
 )
-from ndclip_inference import open_image
-from tiny_towers import train_wordpiece_tokenizer
+from ndclip.inference import open_image
+from ndclip.tiny_towers import train_wordpiece_tokenizer
 
 datasets.disable_progress_bars()
 

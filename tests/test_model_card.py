@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from packaging.requirements import Requirement
 from transformers import pipeline
 
-from model_card import main, write_model_card
+from ndclip.hub import main, write_model_card
 from modeling_ndclip import NdClipModel
 from run_clip import parse_args, write_card
 

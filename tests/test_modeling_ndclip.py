@@ -10,7 +10,7 @@ from transformers import AutoModel
 
 from configuration_ndclip import NdClipConfig
 from modeling_ndclip import NdClipModel, NdClipProjection
-from tiny_towers import tiny_config, tiny_text_config, tiny_vision_config
+from ndclip.tiny_towers import tiny_config, tiny_text_config, tiny_vision_config
 
 
 def test_output_shapes_and_symmetry(make_model, batch):
@@ -168,7 +168,7 @@ def test_config_return_dict_false_gives_tuples_everywhere(make_model, batch):
 
 
 def test_gradient_checkpointing_gives_same_loss_and_gradients(processor, batch):
-    from tiny_towers import tiny_config
+    from ndclip.tiny_towers import tiny_config
 
     def loss_and_grads(checkpointing: bool):
         torch.manual_seed(0)
@@ -268,7 +268,7 @@ def test_from_vision_text_pretrained_keeps_tower_weights(tmp_path, processor, ba
 
 
 def test_sdpa_attention_matches_eager(processor, batch):
-    from tiny_towers import tiny_config
+    from ndclip.tiny_towers import tiny_config
 
     config = tiny_config(len(processor.tokenizer))
     torch.manual_seed(0)

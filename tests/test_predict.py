@@ -15,8 +15,8 @@ from conftest import CAPTIONS, REPO_ROOT, random_images, write_unreadable_images
 from PIL import Image, ImageDraw, ImageFont
 from transformers import BertConfig, BertModel, pipeline
 
-from ndclip_inference import LINE_HEIGHT, PAD, BadInputError, fit_text, load_ndclip, run_cli
-from predict import main, parse_labels, predict
+from ndclip.inference import LINE_HEIGHT, PAD, BadInputError, fit_text, load_ndclip, run_cli
+from ndclip.predict import main, parse_labels, predict
 
 LABELS = ["dog", "cat", "red square", "bicycle"]
 

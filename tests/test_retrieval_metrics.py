@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modeling_ndclip import ndclip_loss
-from retrieval_metrics import chunked_contrastive_loss, retrieval_metrics, zero_shot_accuracy
+from ndclip.metrics import chunked_contrastive_loss, retrieval_metrics, zero_shot_accuracy
 
 
 def embeddings_with_similarity(similarity: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:

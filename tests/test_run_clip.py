@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flickr8k_layouts import (
+from ndclip.layouts import (
     BOGUS_FLICKR8K_NAME,
     captions_of,
     write_csv_one_caption_per_row,
@@ -30,7 +30,7 @@ from transformers import AutoModel
 
 from modeling_ndclip import NdClipModel
 from run_clip import default_dataloader_workers
-from tiny_towers import tiny_config, tiny_processor
+from ndclip.tiny_towers import tiny_config, tiny_processor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_CLIP = str(REPO_ROOT / "run_clip.py")
@@ -159,7 +159,7 @@ def test_training_from_pretrained_towers_with_zero_shot_dataset(tmp_path):
     own image processor and tokenizer, and `--zero_shot_dataset` with an imagefolder of labelled classes."""
     from transformers import ViTImageProcessor
 
-    from tiny_towers import tiny_text_config, tiny_vision_config, train_wordpiece_tokenizer
+    from ndclip.tiny_towers import tiny_text_config, tiny_vision_config, train_wordpiece_tokenizer
 
     vision, text = tmp_path / "vit", tmp_path / "distilbert"
     AutoModel.from_config(tiny_vision_config()).save_pretrained(vision)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flickr8k_layouts import write_jsonl_caption_lists
+from ndclip.layouts import write_jsonl_caption_lists
 from safetensors.torch import load_file, save_file
 from test_run_clip import REPO_ROOT, SMALL_RUN, history, launch_command, save_tiny_ndclip, write_format
 from transformers import AutoTokenizer

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flickr8k_layouts import write_kaggle_flickr8k
+from ndclip.layouts import write_kaggle_flickr8k
 from safetensors.torch import load_file
 from test_run_clip import REPO_ROOT, history, save_tiny_ndclip, write_format
 

@@ -15,9 +15,9 @@ import torch
 from conftest import CAPTIONS, REPO_ROOT, random_images, write_unreadable_images
 from PIL import Image
 
-from ndclip_inference import LINE_HEIGHT, PAD, BadInputError, load_ndclip
+from ndclip.inference import LINE_HEIGHT, PAD, BadInputError, load_ndclip
 from modeling_ndclip import NdClipModel
-from search import build_index, load_index, main, query_index
+from ndclip.search import build_index, load_index, main, query_index
 
 NUM_IMAGES = 7
 EXTRA_CAPTIONS = {1: ["a dog sleeps on the grass"], 3: ["a cat runs near the sea"]}

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from configuration_ndclip import NdClipConfig
-from image_caption_data import to_rgb_array
+from ndclip.data import to_rgb_array
 from modeling_ndclip import NdClipModel
 from processing_ndclip import NdClipProcessor
 

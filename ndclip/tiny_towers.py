@@ -6,12 +6,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import DistilBertConfig, DistilBertTokenizer, ViTConfig, ViTImageProcessor
 
-try:
-    from .configuration_ndclip import NdClipConfig
-    from .processing_ndclip import NdClipProcessor
-except ImportError:
-    from configuration_ndclip import NdClipConfig
-    from processing_ndclip import NdClipProcessor
+from configuration_ndclip import NdClipConfig
+from processing_ndclip import NdClipProcessor
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

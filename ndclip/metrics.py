@@ -27,10 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-try:
-    from .modeling_ndclip import ndclip_loss
-except ImportError:
-    from modeling_ndclip import ndclip_loss
+from modeling_ndclip import ndclip_loss
 
 
 def retrieval_metrics(

@@ -22,16 +22,10 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 from transformers import ViTImageProcessor
 
-try:
-    from .configuration_ndclip import NdClipConfig
-    from .modeling_ndclip import NdClipModel
-    from .processing_ndclip import NdClipProcessor
-    from .tiny_towers import tiny_text_config, tiny_vision_config, train_wordpiece_tokenizer
-except ImportError:
-    from configuration_ndclip import NdClipConfig
-    from modeling_ndclip import NdClipModel
-    from processing_ndclip import NdClipProcessor
-    from tiny_towers import tiny_text_config, tiny_vision_config, train_wordpiece_tokenizer
+from configuration_ndclip import NdClipConfig
+from modeling_ndclip import NdClipModel
+from ndclip.tiny_towers import tiny_text_config, tiny_vision_config, train_wordpiece_tokenizer
+from processing_ndclip import NdClipProcessor
 
 DEMO_CLASS_NAMES = ["circle", "square", "triangle", "cross"]
 # The captions' "a photo of a ..." phrasing contains this prompt's words, so zero-shot prompts have no [UNK].

@@ -9,7 +9,7 @@ the one that fills the cache skips the frozen tower entirely.
 import torch
 from tqdm.auto import tqdm
 
-from image_caption_data import CaptionCollator
+from ndclip.data import CaptionCollator
 
 
 @torch.no_grad()

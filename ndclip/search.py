@@ -32,7 +32,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from ndclip_inference import (
+from ndclip.inference import (
     BadInputError,
     contact_sheet,
     embed_images,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ndclip_inference import (
+from ndclip.inference import (
     BadInputError,
     contact_sheet,
     embed_images,
