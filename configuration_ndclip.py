@@ -140,7 +140,9 @@ class NdClipConfig(PreTrainedConfig):
         self.vision_input_grid = self._resolve_grid(
             "vision_input_grid", self.vision_input_grid, tower_width(self.vision_config)
         )
-        self.text_input_grid = self._resolve_grid("text_input_grid", self.text_input_grid, tower_width(self.text_config))
+        self.text_input_grid = self._resolve_grid(
+            "text_input_grid", self.text_input_grid, tower_width(self.text_config)
+        )
         for name in ("vision_input_grid", "text_input_grid"):
             grid = getattr(self, name)
             if len(grid) != len(self.projection_grid):

@@ -208,13 +208,15 @@ class NdClipModel(NdClipPreTrainedModel):
         expected = getattr(self.config.vision_config, "num_channels", None)
         if pixel_values.dim() != 4:
             raise ValueError(
-                f"`pixel_values` must be a 4-D batch [batch, channels, height, width], got shape {tuple(pixel_values.shape)}"
+                "`pixel_values` must be a 4-D batch [batch, channels, height, width], got shape "
+                f"{tuple(pixel_values.shape)}"
             )
         if expected is not None and pixel_values.shape[1] != expected:
+            target = "RGB" if expected == 3 else f"{expected} channels"
             raise ValueError(
-                f"`pixel_values` has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)}) but the vision "
-                f"tower expects {expected}: convert images to {'RGB' if expected == 3 else f'{expected} channels'} "
-                "(the NdCLIP processor does this) before calling the model"
+                f"`pixel_values` has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)}) but the "
+                f"vision tower expects {expected}: convert images to {target} (the NdCLIP processor does this) before "
+                "calling the model"
             )
 
     def _encode_image(self, pixel_values: torch.Tensor, **tower_kwargs) -> BaseModelOutputWithPooling:

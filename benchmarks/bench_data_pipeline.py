@@ -1,18 +1,17 @@
 """Data pipeline: images/s through loading + transforms + collation with 0, 1 and 2 DataLoader workers, against the
 model's training-step rate at the same batch, so that data never starves the model.
 
-The data are Flickr8k-like: `--images` JPEG photos (default 200; 500x375, every fourth one 375x500 as Flickr8k's
-portrait photos, quality 90, smooth random content with a little noise: about 75 KB each) in a Kaggle-layout folder
-(`Images/` + `captions.txt` with header `image,caption`, five captions per image, from `tests/flickr8k_layouts.py`).
-They are read through the real path: `image_caption_data.load_image_caption_dataset(data_dir=...)`, then
-`run_clip.make_loader` (the training DataLoader: shuffled, full batches) over the train split (images left encoded,
-`without_image_decoding`, as run_clip.py reads them, so that a JPEG is decoded at reduced size for the tiny model) with
-`CaptionCollator(tokenizer, 64, seed=0, image_transform=train_image_transform(image_processor))`, the tokenizer a
-WordPiece one trained on the captions (`tiny_towers.train_wordpiece_tokenizer`, 2000 words).
+The data are Flickr8k-like (`flickr8k_like.py`): `--images` JPEG photos (default 200; 500x375, every fourth one
+375x500 as Flickr8k's portrait photos, about 75 KB each) in a Kaggle-layout folder (`Images/` + `captions.txt`, five
+captions per image). They are read through the real path: `ndclip.data.load_image_caption_dataset(data_dir=...)`,
+then `run_clip.make_loader` (the training DataLoader: shuffled, full batches) over the train split (images left
+encoded, `without_image_decoding`, as run_clip.py reads them, so that a JPEG is decoded at reduced size for the tiny
+model) with `CaptionCollator(tokenizer, 64, seed=0, image_transform=train_image_transform(image_processor))`, the
+tokenizer a WordPiece one trained on the captions (`ndclip.tiny_towers.train_wordpiece_tokenizer`, 2000 words).
 
-Sizes: `real` is ViT-B/16 at 224 + DistilBERT-base (`NdClipConfig()` defaults, random weights) fed by
-`ViTImageProcessor()` (224); `tiny` is `tiny_towers.tiny_config` (ViT image 30) fed by `ViTImageProcessor` at 30.
-The photos are the same for both: decoding a 500x375 JPEG costs the same whatever the model.
+Sizes (`workloads.py`): `real` is ViT-B/16 at 224 + DistilBERT-base fed by `ViTImageProcessor()` (224); `tiny` is
+`ndclip.tiny_towers.tiny_config` (ViT image 30) fed by `ViTImageProcessor` at 30. The photos are the same for both:
+decoding a 500x375 JPEG costs the same whatever the model.
 
 How it measures, all candidates interleaved in the same rounds (after `--warmup` untimed rounds):
 - Data: one call is one epoch over the train split, as `run_clip.py` runs it: a fresh iterator (so with workers, the
@@ -42,20 +41,15 @@ a 2-core CPU a worker's images are not free: `bench_end_to_end.py` measures the 
 """
 
 import argparse
-import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent), str(BENCHMARKS.parent / "tests")]  # + tests/ helpers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers or datasets is imported
 
-import numpy as np
 import torch
 from common import (
     add_common_args,
@@ -67,32 +61,13 @@ from common import (
     summarize,
     time_interleaved,
 )
-from ndclip.layouts import captions_of
-from PIL import Image as PILImage
-from transformers import ViTImageProcessor
+from flickr8k_like import prepare_data
+from workloads import IMAGE_SIZE, MAX_SEQ_LENGTH, SIZES, bare_inputs, build_config, image_processor_for, make_bare_step
 
-from configuration_ndclip import NdClipConfig
-from ndclip.data import (
-    CaptionCollator,
-    _read_kaggle_captions,
-    load_image_caption_dataset,
-    train_image_transform,
-    without_image_decoding,
-)
 from modeling_ndclip import NdClipModel
-from run_clip import make_loader, optimizer_param_groups
-from ndclip.tiny_towers import tiny_config, train_wordpiece_tokenizer
+from ndclip.transforms import CaptionCollator, train_image_transform
+from run_clip import make_loader
 
-SIZES = ("tiny", "real")
-IMAGE_SIZE = {"tiny": 30, "real": 224}
-PHOTO_SIZE = (500, 375)  # width, height: Flickr8k's most common size
-PORTRAIT_EVERY = 4  # every fourth photo is 375x500
-JPEG_QUALITY = 90
-VOCAB_SIZE = 2000
-MAX_SEQ_LENGTH = 64
-LEARNING_RATE = 5e-5  # run_clip.py's defaults
-WEIGHT_DECAY = 0.1
-MAX_GRAD_NORM = 1.0
 TINY_STEP_REPEATS = 5  # tiny steps per timed sample: one is short for a shared machine's clock
 SINGLE_THREAD = "workers0_torch_threads1"  # 0 workers, this process's torch intra-op threads at 1 during the epoch
 
@@ -112,87 +87,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
     return args
-
-
-# ----- Flickr8k-like data ---------------------------------------------------------------------------------------
-
-
-def smooth_photo(seed: int, width: int, height: int) -> PILImage.Image:
-    """A photo-like RGB image: random colours on a coarse grid, smoothly (bicubically) enlarged, plus a little noise,
-    so that its JPEG has a photo's size and decoding cost (random noise alone would be unrealistically large)."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, size=(height // 25 + 2, width // 25 + 2, 3), dtype=np.uint8)
-    smooth = np.asarray(PILImage.fromarray(coarse).resize((width, height), PILImage.Resampling.BICUBIC), np.float32)
-    noisy = smooth + rng.normal(0.0, 12.0, size=smooth.shape)
-    return PILImage.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-
-
-def write_flickr8k_like(folder, count: int, size=PHOTO_SIZE, portrait_every: int | None = PORTRAIT_EVERY,
-                        seed: int = 0) -> dict:
-    """`count` JPEG photos in a Kaggle-layout Flickr8k folder (`Images/` + `captions.txt`, 5 captions each).
-    `size` is (width, height); with `portrait_every`, every such photo is rotated to portrait. Returns a summary."""
-    folder = Path(folder)
-    (folder / "Images").mkdir(parents=True, exist_ok=True)
-    lines, sizes = ["image,caption"], []
-    for number in range(count):
-        name = f"{1000 + number}_photo.jpg"
-        width, height = size
-        if portrait_every and number % portrait_every == portrait_every - 1:
-            width, height = height, width
-        buffer = io.BytesIO()
-        smooth_photo(seed * 100_003 + number, width, height).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        (folder / "Images" / name).write_bytes(buffer.getvalue())
-        sizes.append(len(buffer.getvalue()))
-        lines += [f'{name},"{caption}"' if "," in caption else f"{name},{caption}" for caption in captions_of(number)]
-    (folder / "captions.txt").write_text("\n".join(lines) + "\n")
-    return {"images": count, "photo_size": list(size), "portrait_every": portrait_every,
-            "jpeg_quality": JPEG_QUALITY, "mean_file_bytes": round(statistics.mean(sizes))}
-
-
-def read_captions(data_dir) -> list[str]:
-    """Every caption of a Kaggle-layout folder (to train the tokenizer on), grouped by image."""
-    by_image = _read_kaggle_captions(Path(data_dir) / "captions.txt")
-    return [caption for captions in by_image.values() for caption in captions]
-
-
-def image_processor_for(size: str) -> ViTImageProcessor:
-    side = IMAGE_SIZE[size]
-    return ViTImageProcessor() if size == "real" else ViTImageProcessor(size={"height": side, "width": side})
-
-
-def build_config(size: str, vocab_size: int) -> NdClipConfig:
-    """Real: NdCLIP's defaults (ViT-B/16 at 224 + DistilBERT-base; DistilBERT's own vocabulary, of which the small
-    tokenizer uses the first ids). Tiny: `tiny_towers.tiny_config` with the tokenizer's vocabulary."""
-    return NdClipConfig() if size == "real" else tiny_config(vocab_size=vocab_size)
-
-
-# ----- the bare model step --------------------------------------------------------------------------------------
-
-
-def bare_inputs(batch: dict, seed: int) -> dict:
-    """Model inputs of a collated batch's shape: random pixel values, the batch's own tokens."""
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "pixel_values": torch.randn(batch["pixel_values"].shape, generator=generator),
-        "input_ids": batch["input_ids"].clone(),
-        "attention_mask": batch["attention_mask"].clone(),
-    }
-
-
-def make_bare_step(model: NdClipModel, inputs: dict):
-    """One `run_clip.py` optimizer step without accelerate and without the data: forward, the contrastive loss,
-    backward, gradient clipping, AdamW with run_clip's parameter groups and learning rate, zero_grad."""
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, WEIGHT_DECAY), lr=LEARNING_RATE)
-    model.train()
-
-    def step():
-        loss = model(**inputs, return_loss=True).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return step
 
 
 # ----- one epoch of data ----------------------------------------------------------------------------------------
@@ -240,20 +134,6 @@ class DataEpoch:
 # ----- the benchmark --------------------------------------------------------------------------------------------
 
 
-def prepare_data(args, workdir: Path):
-    """The data folder (generated unless `--data_dir`), its train split and the tokenizer trained on its captions."""
-    data_info = {"data_dir": args.data_dir} if args.data_dir else None
-    data_dir = Path(args.data_dir) if args.data_dir else workdir / "flickr8k_like"
-    if data_info is None:
-        data_info = write_flickr8k_like(data_dir, args.images, seed=args.seed)
-    started = time.perf_counter()
-    dataset = load_image_caption_dataset(data_dir=str(data_dir), seed=args.seed, cache_dir=str(workdir / "hf_cache"))
-    data_info["load_image_caption_dataset_s"] = time.perf_counter() - started
-    data_info["train_images"] = len(dataset["train"])
-    tokenizer = train_wordpiece_tokenizer(read_captions(data_dir), vocab_size=VOCAB_SIZE)
-    return data_dir, without_image_decoding(dataset["train"]), tokenizer, data_info
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_torch(args)
@@ -261,7 +141,7 @@ def main(argv=None) -> None:
         raise SystemExit("the data pipeline runs on the CPU; the model rate is measured with --device cpu only")
     result = {"benchmark": "data_pipeline", "hardware": hardware_info(args.device)}
     with tempfile.TemporaryDirectory(prefix="bench_data_pipeline_") as tmp:
-        _, train_split, tokenizer, result["data"] = prepare_data(args, Path(tmp))
+        _, train_split, tokenizer, result["data"] = prepare_data(Path(tmp), args.images, args.seed, args.data_dir)
         if len(train_split) < 2 * args.batch_size:
             raise SystemExit(f"{len(train_split)} training images give fewer than 2 batches of {args.batch_size}")
         candidates, data_epochs, repeats = {}, {}, {}

@@ -2,10 +2,10 @@
 included) against the bare model step rate at the same batch and size. Target: the pipeline costs at most 10%
 (pipeline samples/s >= 0.9x bare samples/s), at the tiny and at the real size.
 
-Setup: the Flickr8k-like folder of `bench_data_pipeline.py` (`--images` 500x375 JPEG photos, Kaggle layout), a
+Setup: the Flickr8k-like folder of `flickr8k_like.py` (`--images` 500x375 JPEG photos, Kaggle layout), a
 WordPiece tokenizer trained on its captions, and for each size an NdCLIP folder (`NdClipModel(config)` with random
 weights + `NdClipProcessor(ViTImageProcessor, tokenizer)`, `save_pretrained`): `real` is ViT-B/16 at 224 +
-DistilBERT-base, `tiny` is `tiny_towers.tiny_config` at 30 px.
+DistilBERT-base, `tiny` is `ndclip.tiny_towers.tiny_config` at 30 px (`workloads.py`).
 
 How it measures:
 - Pipeline: `python run_clip.py --model_name_or_path <folder> --data_dir <folder> --max_train_steps N
@@ -20,7 +20,7 @@ How it measures:
   (`--logging_steps 1`) stay in, and count against the pipeline.
 - Bare: the same model (loaded from the same folder) and batch shape in this process, random pixel values and the
   tokens of a real collated batch: forward, contrastive loss, backward, gradient clipping, AdamW step, zero_grad (see
-  `bench_data_pipeline.make_bare_step`); a warmup step, then `--bare_steps` steps before and again after each
+  `workloads.make_bare_step`); a warmup step, then `--bare_steps` steps before and again after each
   pipeline run (A, B, A), so that both see the machine in the same mood.
 - Both sides' samples/s = batch / the median of their per-step times, and `pipeline_over_bare` = pipeline samples/s
   / bare samples/s, per size and number of DataLoader workers: on a shared machine one slow step moves the mean of a
@@ -37,53 +37,34 @@ minutes on 2 CPU cores.
 
 import argparse
 import itertools
-import json
 import os
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]  # common.py, and the model files at the repository root
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers or datasets is imported
 
-import torch
-from bench_data_pipeline import (
+from common import add_common_args, comma_list, emit, finish, hardware_info, setup_torch, summarize
+from flickr8k_like import prepare_data
+from run_clip_timing import child_env, run_clip_timed, step_epochs
+from workloads import (
+    DEFAULT_BATCH,
     MAX_SEQ_LENGTH,
     SIZES,
     bare_inputs,
-    build_config,
     image_processor_for,
     make_bare_step,
-    prepare_data,
-)
-from common import (
-    add_common_args,
-    comma_list,
-    emit,
-    finish,
-    hardware_info,
-    setup_torch,
-    summarize,
+    save_model_folder,
 )
 
-from ndclip.data import CaptionCollator, train_image_transform
 from modeling_ndclip import NdClipModel
-from processing_ndclip import NdClipProcessor
+from ndclip.transforms import CaptionCollator, train_image_transform
 
-RUN_CLIP = BENCHMARKS.parent / "run_clip.py"
 TARGET = 0.9
-DEFAULT_BATCH = {"tiny": 32, "real": 8}
 DEFAULT_STEPS = {"tiny": 30, "real": 6}
 DEFAULT_BARE_STEPS = {"tiny": 10, "real": 2}
-# A tqdm status line: "desc:  40%|████      | 2/5 [00:00<00:00, 78.13it/s]" (the bar itself may be absent).
-LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - ")  # run_clip.py's logging format
-PROGRESS = re.compile(r"^(?P<desc>[^:\r\n]+):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*\[")
 
 
 def parse_args(argv=None):
@@ -103,15 +84,7 @@ def parse_args(argv=None):
     return args
 
 
-# ----- model folders --------------------------------------------------------------------------------------------
-
-
-def save_model_folder(folder: Path, size: str, tokenizer, seed: int) -> Path:
-    """An NdCLIP of `size` with random weights and its processor, saved for `run_clip.py --model_name_or_path`."""
-    torch.manual_seed(seed)
-    NdClipModel(build_config(size, len(tokenizer))).save_pretrained(folder)
-    NdClipProcessor(image_processor=image_processor_for(size), tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+# ----- the benchmark --------------------------------------------------------------------------------------------
 
 
 def collated_batch(split, tokenizer, size: str, batch_size: int, seed: int) -> dict:
@@ -119,71 +92,6 @@ def collated_batch(split, tokenizer, size: str, batch_size: int, seed: int) -> d
     collator = CaptionCollator(tokenizer, MAX_SEQ_LENGTH, seed=seed,
                                image_transform=train_image_transform(image_processor_for(size)))
     return collator([split[i] for i in range(batch_size)])
-
-
-# ----- run_clip.py in a subprocess, timed from the outside ------------------------------------------------------
-
-
-def child_env(workdir: Path, threads: int | None) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1",  # a progress print after every step, to timestamp
-           "HF_DATASETS_CACHE": str(workdir / "hf_cache"), "MPLCONFIGDIR": str(workdir / "matplotlib")}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
-
-
-def run_clip_timed(argv: list[str], env: dict, timeout: float | None = None) -> dict:
-    """Run `python run_clip.py argv...`, timestamping every progress-bar print on its stderr as it arrives.
-
-    Returns `wall_s` (the whole run), `progress` {bar description: [(n, seconds since start)]} with the first time
-    each count was shown, `lines` [(seconds since start, text)] of the other stderr lines (the log), and `metrics`
-    (the lines of `metrics.jsonl` in `--output_dir`)."""
-    output_dir = Path(argv[argv.index("--output_dir") + 1])
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, str(RUN_CLIP), *argv], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=env, cwd=RUN_CLIP.parent)
-    stdout = []
-    drain = threading.Thread(target=lambda: stdout.append(process.stdout.read()), daemon=True)
-    drain.start()
-    progress, seen, lines, pending = {}, set(), [], ""
-    timer = threading.Timer(timeout, process.kill) if timeout else None
-    if timer:
-        timer.start()
-    try:
-        while chunk := os.read(process.stderr.fileno(), 1 << 16):
-            now = time.perf_counter() - start
-            pending += chunk.decode("utf-8", errors="replace")
-            pieces = re.split(r"[\r\n]", pending)
-            pending = pieces.pop()  # maybe incomplete; a complete status line is parsed now and again later
-            for number, piece in enumerate([*pieces, pending]):
-                # A log line written while a bar is shown continues the bar's (unterminated) line: split it off.
-                log = LOG_LINE.search(piece)
-                bar, text = (piece[: log.start()], piece[log.start() :]) if log else (piece, "")
-                match = PROGRESS.match(bar.strip())
-                key = match and (match["desc"].strip(), int(match["n"]))
-                if key and key not in seen:
-                    seen.add(key)
-                    progress.setdefault(key[0], []).append((key[1], now))
-                text = text or ("" if match else bar)
-                if number < len(pieces) and text.strip():  # complete lines only
-                    lines.append((now, text.strip()))
-        returncode = process.wait()
-    finally:
-        if timer:
-            timer.cancel()
-    wall = time.perf_counter() - start
-    drain.join()
-    if returncode != 0:
-        raise RuntimeError(f"run_clip.py {' '.join(argv)} failed ({returncode}):\n" + "\n".join(text for _, text in lines[-30:]))
-    metrics_path = output_dir / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
-    return {"wall_s": wall, "progress": progress, "lines": lines, "metrics": metrics}
-
-
-def step_epochs(metrics: list[dict]) -> dict[int, int]:
-    """{optimizer step: epoch} from the training lines of `metrics.jsonl` (logged every step)."""
-    return {record["step"]: record["epoch"] for record in metrics if "loss" in record}
 
 
 def within_epoch_step_times(run: dict, first_epoch: int = 0, skip_steps: int = 1) -> dict:
@@ -218,9 +126,6 @@ def train_images(run: dict) -> int | None:
         if match := re.search(r"training on (\d+) images", line):
             return int(match[1])
     return None
-
-
-# ----- the benchmark --------------------------------------------------------------------------------------------
 
 
 def time_bare(step, steps: int) -> list[float]:
@@ -278,7 +183,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_end_to_end_") as tmp:
         workdir = Path(args.keep or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        data_dir, train_split, tokenizer, result["data"] = prepare_data(args, workdir)
+        data_dir, train_split, tokenizer, result["data"] = prepare_data(workdir, args.images, args.seed, args.data_dir)
         for size in args.size:
             result["sizes"][size] = measure_size(args, size, data_dir, train_split, tokenizer, workdir)
     result["method"] = ("pipeline: run_clip.py subprocess, s/step from timestamped per-step progress prints, gaps "

@@ -1,4 +1,4 @@
-"""Evaluation: time and peak memory of the full retrieval evaluation (`retrieval_metrics.retrieval_metrics`:
+"""Evaluation: time and peak memory of the full retrieval evaluation (`ndclip.metrics.retrieval_metrics`:
 image->text and text->image recall@1/5/10 and median ranks) for 1000 images x 5000 captions and for 10x that
 (10,000 x 50,000), embeddings given, showing that its memory stays bounded.
 
@@ -27,11 +27,8 @@ import argparse
 import gc
 import os
 import statistics
-import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]  # common.py, and the model files at the repository root
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
 import torch

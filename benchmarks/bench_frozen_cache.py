@@ -3,7 +3,7 @@ outputs are computed once and the heads train from the cache; every epoch after 
 faster than without the cache (`--disable_feature_cache`).
 
 Setup: `--images` JPEG photos of `--image_size` px (default 64 of 224x224) in a Kaggle-layout Flickr8k folder (see
-`bench_data_pipeline.py`; 10% are held out for the evaluation), a WordPiece tokenizer trained on their captions, and
+`flickr8k_like.py`; 10% are held out for the evaluation), a WordPiece tokenizer trained on their captions, and
 an NdCLIP folder per size with random weights (`real`: ViT-B/16 at 224 + DistilBERT-base; `tiny`: tiny towers at
 30 px), as in `bench_end_to_end.py`.
 
@@ -11,7 +11,7 @@ How it measures: for each configuration (size, frozen towers) `run_clip.py` runs
 same data, seed and flags (`--num_train_epochs E --per_device_train_batch_size B --logging_steps 1`), cached (the
 default) and with `--disable_feature_cache`. The child's progress bars print after every step
 (`TQDM_MININTERVAL=0 TQDM_MINITERS=1`) and this script timestamps each print and each log line as they arrive (see
-`bench_end_to_end.run_clip_timed`). With the epoch of every step from `metrics.jsonl`:
+`run_clip_timing.run_clip_timed`). With the epoch of every step from `metrics.jsonl`:
 - `epoch_train_s` of epoch e >= 2: from the end of the evaluation after epoch e-1 (its `eval at step` log line) to
   the progress print of epoch e's last step: the whole training epoch (new loader iterator, collation, every step),
   and nothing else. `ratio` = median uncached / median cached over epochs 2..E, `worst_ratio` = the fastest
@@ -34,19 +34,15 @@ the tiny and the real size, and the vision tower alone frozen at the tiny size.
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]  # common.py, and the model files at the repository root
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers or datasets is imported
 
-from bench_data_pipeline import SIZES, VOCAB_SIZE, read_captions, write_flickr8k_like
-from bench_end_to_end import child_env, run_clip_timed, save_model_folder, step_epochs
 from common import add_common_args, emit, finish, hardware_info, setup_torch
-
-from ndclip.tiny_towers import train_wordpiece_tokenizer
+from flickr8k_like import train_tokenizer, write_flickr8k_like
+from run_clip_timing import child_env, run_clip_timed, step_epochs
+from workloads import SIZES, save_model_folder
 
 TARGET = 20.0
 FROZEN_FLAGS = {"both": ["--freeze_vision_model", "--freeze_text_model"], "vision": ["--freeze_vision_model"]}
@@ -146,7 +142,7 @@ def main(argv=None) -> None:
         data_dir = workdir / "flickr8k_like"
         result["data"] = write_flickr8k_like(data_dir, args.images, size=(args.image_size, args.image_size),
                                              portrait_every=None, seed=args.seed)
-        tokenizer = train_wordpiece_tokenizer(read_captions(data_dir), vocab_size=VOCAB_SIZE)
+        tokenizer = train_tokenizer(data_dir)
         models = {}
         for size, frozen in args.configs:
             if size not in models:

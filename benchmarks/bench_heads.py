@@ -33,8 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]  # common.py, and the model files at the repository root
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
 import torch
@@ -52,15 +50,14 @@ from common import (
     time_interleaved,
     without_copies_max_rel_diff,
 )
+from run_clip_timing import RUN_CLIP
 from torch import nn
+from workloads import SIZES, build_config
 
 from configuration_ndclip import NdClipConfig, tower_width
 from modeling_ndclip import NdClipModel, NdClipProjection
-from ndclip.tiny_towers import tiny_config
 
-SIZES = ("tiny", "real")
 HEAD_TYPES = ("ndlinear", "linear")
-RUN_CLIP = BENCHMARKS.parent / "run_clip.py"
 QUALITY_KEYS = ("image_to_text_recall@1", "image_to_text_recall@5", "text_to_image_recall@1",
                 "text_to_image_recall@5", "zero_shot_accuracy")
 
@@ -80,10 +77,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.quality_seeds = [int(seed) for seed in args.quality_seeds.split(",") if seed.strip()]
     return args
-
-
-def build_config(size: str) -> NdClipConfig:
-    return tiny_config(vocab_size=1000) if size == "tiny" else NdClipConfig()
 
 
 def build_heads(config: NdClipConfig, projection_type: str, device: str) -> nn.ModuleList:

@@ -10,15 +10,15 @@ length within) pads less. This measures whether that is worth having:
   full batches each way (a seeded random permutation, as run_clip.py's sampler; `LengthGroupedSampler` with a
   seeded generator). `padded_length` is the mean over batches of the longest caption in the batch;
   `padding_fraction` the share of the padded tokens that are padding.
-- Step time: the training step of `bench_train_step.py` (NdCLIP, forward with the contrastive loss, backward,
-  AdamW) on random batches whose captions are `padded_length` tokens long (rounded), each way, interleaved over
-  `--rounds` rounds; `grouped_vs_random_throughput` is the ratio of the median step times. Only the text tower's
-  work changes: at the real size it runs ~15-25 tokens beside the image tower's 197.
+- Step time: the training step of `bench_train_step.py` (`workloads.make_train_step`: NdCLIP, forward with the
+  contrastive loss, backward, AdamW) on random batches whose captions are `padded_length` tokens long (rounded),
+  each way, interleaved over `--rounds` rounds; `grouped_vs_random_throughput` is the ratio of the median step
+  times. Only the text tower's work changes: at the real size it runs ~15-25 tokens beside the image tower's 197.
 
 Captions: `--captions_file` is a Flickr8k `Flickr8k.token.txt`, a Kaggle `captions.txt` or a text file with one
-caption per line; without it, the templated captions of `tests/flickr8k_layouts.py` (much more uniform in length
+caption per line; without it, the templated captions of `ndclip.layouts.captions_of` (much more uniform in length
 than real ones: pass real captions for a real answer). The tokenizer is a WordPiece one trained on the captions
-(`tiny_towers.train_wordpiece_tokenizer`; on Flickr8k's everyday words its lengths are close to DistilBERT's), or
+(`ndclip.tiny_towers.train_wordpiece_tokenizer`; on Flickr8k's everyday words its lengths are close to DistilBERT's), or
 `--tokenizer` (a saved tokenizer folder).
 
 Not measured here: grouping by length also changes which captions meet as negatives in the contrastive loss (short
@@ -31,24 +31,20 @@ ones against short ones), which can change what the model learns.
 import argparse
 import os
 import statistics
-import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent), str(BENCHMARKS.parent / "tests")]  # + tests/ helpers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
 import torch
-from bench_train_step import DEFAULT_BATCH, SIZES, build_model, make_inputs, make_train_step
 from common import add_common_args, emit, finish, hardware_info, setup_torch, summarize, time_interleaved
-from ndclip.layouts import captions_of
 from transformers import AutoTokenizer
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from workloads import DEFAULT_BATCH, MAX_SEQ_LENGTH, SIZES, build_model, make_inputs, make_train_step
 
-from ndclip.data import _read_flickr8k_tokens, _read_kaggle_captions
+from ndclip.data import read_flickr8k_tokens, read_kaggle_captions
+from ndclip.layouts import captions_of
 from ndclip.tiny_towers import train_wordpiece_tokenizer
 
-MAX_SEQ_LENGTH = 64  # run_clip.py's default --max_seq_length
 VOCAB_SIZE = 3000
 DEFAULT_ROUNDS = {"tiny": 20, "real": 6}
 
@@ -77,9 +73,9 @@ def read_captions(path: str | None, images: int) -> list[str]:
     with open(path, encoding="utf-8") as file:
         first_line = file.readline()
     if first_line.strip().lower() == "image,caption":  # Kaggle's captions.txt
-        by_image = _read_kaggle_captions(path)
+        by_image = read_kaggle_captions(path)
     elif "#" in first_line.split("\t")[0]:  # Flickr8k.token.txt: "<image>#<n>\t<caption>"
-        by_image = _read_flickr8k_tokens(path)
+        by_image = read_flickr8k_tokens(path)
     else:
         return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     return [caption for captions in by_image.values() for caption in captions]
@@ -144,7 +140,7 @@ def main(argv=None) -> None:
     result = {
         "benchmark": "length_grouping",
         "hardware": hardware_info(args.device),
-        "captions": {"source": args.captions_file or "tests/flickr8k_layouts.captions_of", "count": len(captions),
+        "captions": {"source": args.captions_file or "ndclip.layouts.captions_of", "count": len(captions),
                      "tokenizer": args.tokenizer or f"WordPiece trained on the captions ({len(tokenizer)} tokens)",
                      "mean_tokens": statistics.mean(caption_lengths),
                      "stdev_tokens": statistics.pstdev(caption_lengths), "max_tokens": max(caption_lengths)},

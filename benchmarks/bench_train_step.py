@@ -61,12 +61,8 @@ import argparse
 import gc
 import os
 import statistics
-import sys
-from contextlib import nullcontext
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent)]  # common.py, and the model files at the repository root
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
 import torch
@@ -74,13 +70,11 @@ from common import (
     DTYPES,
     PeakMemory,
     add_common_args,
-    autocast,
     comma_list,
     cpu_has_native_bf16,
     emit,
     finish,
     hardware_info,
-    heads_without_copies,
     make_heads_step,
     measure_matmul_flops,
     median_confidence_interval,
@@ -95,14 +89,10 @@ from common import (
     without_copies_max_rel_diff,
 )
 from torch import nn
+from workloads import DEFAULT_BATCH, SEQ_LEN, SIZES, build_model, make_inputs, make_train_step
 
-from configuration_ndclip import NdClipConfig
 from modeling_ndclip import NdClipModel
-from ndclip.tiny_towers import tiny_config
 
-SIZES = ("tiny", "real")
-SEQ_LEN = 32
-DEFAULT_BATCH = {"tiny": 32, "real": 8}
 DEFAULT_STEPS = {"tiny": 60, "real": 8}  # rounds; 6 or more give the paired ratio a 95% interval
 DEFAULT_WARMUP = {"tiny": 3, "real": 1}
 HEAD_REPEATS = 20  # head calls per timed sample: one call is too short for the clock
@@ -149,17 +139,6 @@ def dtypes_for(args, size: str) -> list[str]:
 # ----- models and data ------------------------------------------------------------------------------------------
 
 
-def build_config(size: str, projection_type: str) -> NdClipConfig:
-    if size == "tiny":
-        return tiny_config(vocab_size=1000, projection_type=projection_type)
-    return NdClipConfig(projection_type=projection_type)
-
-
-def build_model(size: str, projection_type: str, seed: int, device: str) -> NdClipModel:
-    torch.manual_seed(seed)
-    return NdClipModel(build_config(size, projection_type)).to(device).train()
-
-
 def build_model_pair(size: str, seed: int, device: str) -> tuple[NdClipModel, NdClipModel]:
     """NdCLIP and the linear-head model with the same initial towers and logit scale (only the heads differ)."""
     ndlinear = build_model(size, "ndlinear", seed, device)
@@ -168,29 +147,6 @@ def build_model_pair(size: str, seed: int, device: str) -> tuple[NdClipModel, Nd
     linear.text_model.load_state_dict(ndlinear.text_model.state_dict())
     linear.logit_scale.data.copy_(ndlinear.logit_scale.data)
     return ndlinear, linear
-
-
-def make_inputs(config: NdClipConfig, batch_size: int, seed: int, device: str, seq_len: int = SEQ_LEN) -> dict:
-    """A random batch: pixel values, and `seq_len` random tokens per caption with an all-ones attention mask."""
-    generator = torch.Generator().manual_seed(seed)
-    image_size = config.vision_config.image_size
-    inputs = {
-        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=generator),
-        "input_ids": torch.randint(0, config.text_config.vocab_size, (batch_size, seq_len), generator=generator),
-        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
-    }
-    return {name: tensor.to(device) for name, tensor in inputs.items()}
-
-
-def make_train_step(model, optimizer, inputs: dict, device: str, dtype: str, without_copies: bool = False):
-    def train_step():
-        with heads_without_copies(model) if without_copies else nullcontext(), autocast(device, dtype):
-            loss = model(**inputs, return_loss=True).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return train_step
 
 
 def heads_of(model: NdClipModel) -> nn.ModuleList:

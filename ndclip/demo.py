@@ -1,5 +1,6 @@
 """The offline demo of `run_clip.py --preset demo`: a procedurally generated image-caption data set, tiny towers
-with a tokenizer trained on its captions, and the training hyper-parameters that make it learn in minutes on CPU.
+(`ndclip.tiny_towers`) with a tokenizer trained on its captions, and the training hyper-parameters that make it learn
+in minutes on CPU.
 
 Each image is one coloured shape in the middle of a plain background. The shape is the class (circle, square,
 triangle, cross); its colour and size and the background colour vary too (4 x 6 x 2 x 4 = 192 combinations), and
@@ -7,8 +8,8 @@ every caption names the shape and some of the other attributes, so that captions
 retrieval has something to measure. Nothing is downloaded: images are drawn with PIL, the tokenizer is trained with
 the `tokenizers` library.
 
-Why the shape does not move: with the shape at five positions, the tiny ViT (4 x 4 patches) learnt it, and with it
-zero-shot classification, in only about half of the seeds within the time budget; centred, in every seed tried.
+Why the shape does not move: with the shape at five positions, the tiny ViT (4 x 4 patches) often did not learn it,
+and with it zero-shot classification, within the time budget; centred, it did for every seed tried.
 """
 
 import io
@@ -69,7 +70,7 @@ SUPERSAMPLING = 4  # shapes are drawn this many times larger and shrunk, for ant
 COLOUR_JITTER = 15  # per-channel noise on shape and background colours, so no two images are identical
 POSITION_JITTER = 0.02  # shape centre noise, as a fraction of the image side (training crops shift it more)
 
-# Tower sizes: the demo's 1,240 training steps take 50-150 ms each on two CPU cores (the spread: other load).
+# Tower sizes: as small as learns the task, so that the whole demo trains in minutes on two CPU cores.
 DEMO_TOWER_SIZES = {
     "patch_size": 8,  # a 32 x 32 image is 4 x 4 patches: 17 tokens with [CLS]
     "vision_hidden_size": 64,
@@ -77,8 +78,8 @@ DEMO_TOWER_SIZES = {
     "text_dim": 64,
     "text_layers": 2,
     "projection_dim": 64,
-    # DistilBERT's dropout (0.1) roughly halved the demo's zero-shot accuracy after its short training (0.75 -> 0.94
-    # in one A/B run); the ViT has none by default.
+    # DistilBERT's dropout (0.1) cost the demo much of its zero-shot accuracy after its short training; the ViT has
+    # none by default.
     "text_dropout": 0.0,
 }
 
@@ -88,8 +89,7 @@ DEMO_LOGIT_SCALE_INIT = 30.0
 
 # Hyper-parameters of `run_clip.py --preset demo`. An epoch is one pass over the 4,000 training images, each with
 # one of its captions drawn at random (62 steps of 64). With them the demo clears the spec's targets (image->text
-# R@5 0.5, zero-shot accuracy 0.8) with a margin: zero-shot accuracy passes 0.8 about halfway through the 20 epochs.
-# The measured numbers are in the README's demo table.
+# R@5 0.5, zero-shot accuracy 0.8) with a margin; the measured numbers are in the README's demo table.
 DEMO_TRAINING_DEFAULTS = {
     "learning_rate": 3e-3,
     "num_train_epochs": 20,

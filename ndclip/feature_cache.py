@@ -7,35 +7,33 @@ the one that fills the cache skips the frozen tower entirely.
 """
 
 import torch
-from tqdm.auto import tqdm
 
-from ndclip.data import CaptionCollator
+from ndclip.embedding import IMAGE_INPUTS, TEXT_INPUTS, embed
+from ndclip.transforms import CaptionCollator
 
 
-@torch.no_grad()
 def compute_image_features(model, loader, accelerator, num_images: int) -> torch.Tensor:
     """Pooled, unprojected vision-tower output of every image, as a `[num_images, width]` CPU tensor indexed by
     `image_id`. The loader (prepared, unshuffled) yields `pixel_values` and `image_ids`; each process embeds its
     shard and the shards are gathered, so every process ends with the whole cache."""
-    features = None
-    for batch in tqdm(loader, desc="caching image features", disable=not accelerator.is_local_main_process):
-        pooled = model(pixel_values=batch["pixel_values"]).vision_model_output.pooler_output
-        pooled, ids = accelerator.gather_for_metrics((pooled.float(), batch["image_ids"]))
-        if features is None:
-            features = torch.zeros(num_images, pooled.shape[-1])
-        features[ids.cpu()] = pooled.cpu()
+    embedded = embed(
+        model, loader, ["vision_model_output.pooler_output"], fields=["image_ids"], inputs=IMAGE_INPUTS,
+        accelerator=accelerator, progress="caching image features",
+    )  # fmt: skip
+    pooled = embedded["vision_model_output.pooler_output"]
+    features = torch.zeros(num_images, pooled.shape[-1])
+    features[embedded["image_ids"]] = pooled
     return features
 
 
-@torch.no_grad()
 def compute_caption_features(model, loader, accelerator) -> torch.Tensor:
     """Pooled, unprojected text-tower output of every caption, in the order of `flatten_captions(split)` (image by
     image, each image's captions in order), as a `[num_captions, width]` CPU tensor."""
-    parts = []
-    for batch in tqdm(loader, desc="caching caption features", disable=not accelerator.is_local_main_process):
-        pooled = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_model_output.pooler_output
-        parts.append(accelerator.gather_for_metrics(pooled.float()).cpu())
-    return torch.cat(parts)
+    embedded = embed(
+        model, loader, ["text_model_output.pooler_output"], inputs=TEXT_INPUTS, accelerator=accelerator,
+        progress="caching caption features",
+    )  # fmt: skip
+    return embedded["text_model_output.pooler_output"]
 
 
 def caption_offsets(captions_per_image: list[int]) -> list[int]:

@@ -1,7 +1,7 @@
 """The model card (`README.md`) of a trained NdCLIP, written with `huggingface_hub`'s `ModelCard` before the folder
 is pushed to the Hub (`model.push_to_hub` / `processor.push_to_hub` upload it with the rest of the folder).
 
-    python model_card.py outputs/ndclip --dataset_name jxie/flickr8k --repo_id user/ndclip-flickr8k
+    ndclip card outputs/ndclip --dataset_name jxie/flickr8k --repo_id user/ndclip-flickr8k
 
 The metadata says how the Hub should show and run the model (library, pipeline, tags, datasets, base models, a
 widget example) and carries the evaluation results of `eval_results.json` as a `model-index`; the body describes
@@ -14,10 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from modeling_ndclip import NdClipModel
+from ndclip.inference import BadInputError, check_ndclip
+from ndclip.training import CHECKPOINTS_DIR, RUN_FILE
 
 # The keys of `eval_results.json` (written by run_clip.py) reported in the model-index, with their names on the Hub.
 RETRIEVAL_METRICS = {
@@ -245,13 +247,13 @@ def write_model_card(
             when None and that file exists.
         training_args: hyperparameters to list (name -> value).
         dataset_name: the Hub id of the training dataset (listed in the metadata, and in the model-index with the
-            results); raises ValueError for anything else.
+            results); raises `BadInputError` (a ValueError) for anything else.
         training_data: for data that is not on the Hub, how the body describes it (e.g. "local data: my_photos").
         base_models: the Hub ids of the two towers; defaults to those the config remembers.
         repo_id: the Hub id the folder will be pushed to (used in the usage snippets).
     """
     if dataset_name is not None and not is_hub_dataset_id(dataset_name):
-        raise ValueError(
+        raise BadInputError(
             f"dataset_name {dataset_name!r} is not a Hub dataset id: the card's metadata would link to a page that "
             "does not exist. Describe local or generated data with training_data instead."
         )
@@ -279,8 +281,8 @@ def write_model_card(
     return card
 
 
-def main(argv=None) -> ModelCard:
-    parser = argparse.ArgumentParser(description="Write the model card (README.md) of a saved NdCLIP folder.")
+def add_card_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `ndclip card`."""
     parser.add_argument("folder", help="the saved model folder")
     parser.add_argument("--eval_results", help="an eval_results.json (default: the folder's, if any)")
     parser.add_argument("--training_args", help="a JSON file of hyperparameters to list")
@@ -288,12 +290,16 @@ def main(argv=None) -> ModelCard:
     parser.add_argument("--training_data", help="how to describe training data that is not on the Hub")
     parser.add_argument("--base_models", help="the Hub ids of the two towers, comma-separated")
     parser.add_argument("--repo_id", help="the Hub id the folder will be pushed to")
-    args = parser.parse_args(argv)
+
+
+def run_card(args: argparse.Namespace) -> None:
+    """`ndclip card`: write the model card of the saved model folder `args.folder`."""
 
     def read(path):
         return json.loads(Path(path).read_text()) if path else None
 
-    return write_model_card(
+    check_ndclip(args.folder)
+    write_model_card(
         args.folder,
         NdClipModel.from_pretrained(args.folder),
         eval_results=read(args.eval_results),
@@ -305,5 +311,56 @@ def main(argv=None) -> ModelCard:
     )
 
 
-if __name__ == "__main__":
-    main()
+# ----- run_clip.py's output folder on the Hub -----------------------------------------------------------------------
+
+
+def write_card(args, model, eval_results) -> None:
+    """The model card of the model run_clip.py trained with `args` (its parsed arguments), in `args.output_dir`."""
+    # The card's metadata names Hub datasets only; the demo's data and local files are described in its body.
+    local = args.data_dir or args.train_file or (None if is_hub_dataset_id(args.dataset_name) else args.dataset_name)
+    if args.preset == "demo" and not (args.data_dir or args.train_file):
+        dataset, training_data = None, "the offline demo's generated data"
+    else:
+        dataset, training_data = (None, f"local data: {Path(local).name}") if local else (args.dataset_name, None)
+    training_args = {
+        k: v
+        for k, v in vars(args).items()
+        if k in {
+            "learning_rate", "weight_decay", "num_train_epochs", "max_train_steps", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "lr_scheduler_type", "num_warmup_steps", "seed", "max_seq_length",
+            "freeze_vision_model", "freeze_text_model", "preset",
+        }
+    }  # fmt: skip
+    training_args["lr_scheduler_type"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    base_models = None if args.preset == "demo" or args.model_name_or_path else [
+        args.vision_model_name_or_path,
+        args.text_model_name_or_path,
+    ]  # fmt: skip
+    write_model_card(
+        args.output_dir,
+        model,
+        eval_results=eval_results,
+        training_args=training_args,
+        dataset_name=dataset,
+        training_data=training_data,
+        base_models=base_models,
+        repo_id=args.hub_model_id,
+    )
+
+
+# What stays local when run_clip.py's output folder is pushed: resumable training state, the run's settings (local
+# paths) and tracker logs.
+HUB_IGNORE_PATTERNS = [f"{CHECKPOINTS_DIR}/*", "runs/*", RUN_FILE]
+
+
+def push_folder(args, message: str) -> None:
+    """Upload run_clip.py's Hub-ready output folder (not the training checkpoints or tracker logs) to
+    `args.hub_model_id`."""
+    api = HfApi(token=args.hub_token)
+    api.create_repo(args.hub_model_id, private=args.hub_private_repo, exist_ok=True)
+    api.upload_folder(
+        repo_id=args.hub_model_id,
+        folder_path=args.output_dir,
+        commit_message=message,
+        ignore_patterns=HUB_IGNORE_PATTERNS,
+    )

@@ -1,11 +1,10 @@
 """Using a trained NdCLIP: load a model folder (or Hub id), find the images in a folder, embed images and texts in
-batches, draw a contact sheet. Shared by the two command-line tools, `predict.py` and `search.py`."""
+batches, draw a contact sheet. Shared by the tools of the `ndclip` command, `ndclip.predict` and `ndclip.search`."""
 
 import argparse
 import logging
 import math
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -14,8 +13,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from configuration_ndclip import NdClipConfig
-from ndclip.data import to_rgb_array
 from modeling_ndclip import NdClipModel
+from ndclip.embedding import IMAGE_INPUTS, TEXT_INPUTS, embed
+from ndclip.transforms import to_rgb_array
 from processing_ndclip import NdClipProcessor
 
 logger = logging.getLogger(__name__)
@@ -27,24 +27,14 @@ EXAMPLES_IN_LOG = 5  # unreadable images named in the log message that counts th
 
 
 class BadInputError(ValueError):
-    """A problem with what the user passed (model, image folder, labels, index). The tools report it as one line."""
+    """A problem with what the user passed (model, image folder, labels, index). The `ndclip` command reports it as
+    one line."""
 
 
 # How a file that PIL identifies as an image can still fail to decode: truncated or corrupt data (an OSError, which
 # `open_image` reports as a BadInputError), or more pixels than PIL's `MAX_IMAGE_PIXELS` allows, twice over
 # (`DecompressionBombError`). Images between one and two times that limit are decoded, with PIL's warning.
 UNREADABLE_IMAGE_ERRORS = (BadInputError, OSError, Image.DecompressionBombError)
-
-
-def run_cli(main: Callable[[Sequence[str] | None], object], prog: str, argv: Sequence[str] | None = None) -> None:
-    """Run a tool's `main(argv)` (argv None: the command line), turning a `BadInputError` into a one-line message
-    and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(argv)
-    except BadInputError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 def positive_int(text: str) -> int:
@@ -58,8 +48,20 @@ def positive_int(text: str) -> int:
 def load_ndclip(name_or_path: str, device: str | None = None) -> tuple[NdClipModel, NdClipProcessor]:
     """An NdCLIP (in eval mode, on `device`: CUDA when available) and its processor, from a saved folder or Hub id.
 
-    Raises `BadInputError` when the folder does not exist, has no `config.json` or holds another kind of model.
+    Raises `BadInputError` when it is not an NdCLIP (see `check_ndclip`).
     """
+    check_ndclip(name_or_path)
+    # The processor's tokenizer and image processor read config.json through AutoConfig: knowing the NdCLIP config
+    # locally keeps it from asking whether to run the folder's copy of the code.
+    AutoConfig.register(NdClipConfig.model_type, NdClipConfig, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = NdClipModel.from_pretrained(name_or_path).eval().to(device)
+    return model, NdClipProcessor.from_pretrained(name_or_path)
+
+
+def check_ndclip(name_or_path: str) -> None:
+    """Raise `BadInputError`, saying why, when `name_or_path` is not a saved NdCLIP: a folder that does not exist,
+    has no `config.json` or holds another kind of model, or a Hub id that cannot be loaded."""
     folder = Path(name_or_path)
     looks_like_a_path = folder.is_absolute() or str(name_or_path).startswith(".") or str(name_or_path).count("/") > 1
     if looks_like_a_path and not folder.exists():
@@ -76,12 +78,6 @@ def load_ndclip(name_or_path: str, device: str | None = None) -> tuple[NdClipMod
             f"{name_or_path} holds a {model_type!r} model, not an NdCLIP (an NdCLIP's config.json has model_type "
             "'ndclip')"
         )
-    # The processor's tokenizer and image processor read config.json through AutoConfig: knowing the NdCLIP config
-    # locally keeps it from asking whether to run the folder's copy of the code.
-    AutoConfig.register(NdClipConfig.model_type, NdClipConfig, exist_ok=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = NdClipModel.from_pretrained(name_or_path).eval().to(device)
-    return model, NdClipProcessor.from_pretrained(name_or_path)
 
 
 def find_images(folder: str | Path) -> list[Path]:
@@ -122,7 +118,6 @@ def open_image(image: str | Path | Image.Image) -> Image.Image:
         raise BadInputError(f"cannot read image {image}: {error}") from error
 
 
-@torch.no_grad()
 def embed_images(
     model: NdClipModel,
     processor: NdClipProcessor,
@@ -139,7 +134,20 @@ def embed_images(
     bar `progress` is advanced by the number of images (a new one is shown when it is None).
     """
     bar = progress if progress is not None else tqdm(total=len(images), desc="embedding images", unit="img")
-    embeddings, unreadable = [], {}
+    unreadable = {}
+    batches = readable_image_batches(model, processor, images, batch_size, bar, unreadable)
+    embeddings = embed(model, batches, ["image_embeds"], inputs=IMAGE_INPUTS).get("image_embeds")
+    if progress is None:
+        bar.close()
+    return (embeddings if embeddings is not None else torch.empty(0, model.config.projection_dim)), unreadable
+
+
+def readable_image_batches(
+    model: NdClipModel, processor: NdClipProcessor, images: Sequence, batch_size: int, bar: tqdm, unreadable: dict
+) -> Iterator[dict[str, torch.Tensor]]:
+    """`{"pixel_values": ...}` batches, on the model's device and in its dtype, of the images of each slice of
+    `batch_size` that open; the others go into `unreadable` (`{position: why}`). `bar` advances by the slice once
+    its batch has been used."""
     for start in range(0, len(images), batch_size):
         positions = range(start, min(start + batch_size, len(images)))
         batch = []
@@ -149,14 +157,9 @@ def embed_images(
             except UNREADABLE_IMAGE_ERRORS as error:
                 unreadable[i] = str(error.__cause__ or error)  # PIL's reason, without open_image's wrapping
         if batch:
-            pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
-            features = model.get_image_features(pixel_values=pixel_values).pooler_output
-            embeddings.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+            pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"]
+            yield {"pixel_values": pixel_values.to(model.device, model.dtype)}
         bar.update(len(positions))
-    if progress is None:
-        bar.close()
-    embeddings = torch.cat(embeddings) if embeddings else torch.empty(0, model.config.projection_dim)
-    return embeddings, unreadable
 
 
 def log_unreadable(reasons: dict[str, str]) -> None:
@@ -167,17 +170,16 @@ def log_unreadable(reasons: dict[str, str]) -> None:
         logger.warning("skipped %d unreadable image(s): %s%s", len(reasons), examples, more)
 
 
-@torch.no_grad()
 def embed_texts(
     model: NdClipModel, processor: NdClipProcessor, texts: Sequence[str], batch_size: int = 256
 ) -> torch.Tensor:
     """L2-normalised text embeddings `[len(texts), projection_dim]` (float32, on the CPU), in batches."""
-    embeddings = []
-    for start in range(0, len(texts), batch_size):
-        inputs = processor(text=list(texts[start : start + batch_size]), return_tensors="pt").to(model.device)
-        features = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output
-        embeddings.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-    return torch.cat(embeddings) if embeddings else torch.empty(0, model.config.projection_dim)
+    batches = (
+        processor(text=list(texts[start : start + batch_size]), return_tensors="pt").to(model.device)
+        for start in range(0, len(texts), batch_size)
+    )
+    embeddings = embed(model, batches, ["text_embeds"], inputs=TEXT_INPUTS).get("text_embeds")
+    return embeddings if embeddings is not None else torch.empty(0, model.config.projection_dim)
 
 
 def contact_sheet(

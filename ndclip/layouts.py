@@ -1,22 +1,36 @@
-"""Tiny image-caption data written in the formats the real sources use, for the data and training tests:
-the `jxie/flickr8k` parquet layout, the Kaggle and the original Flickr8k folders, csv/json files, an imagefolder,
-and a folder of every kind of broken sample."""
+"""Small image-caption data written in the formats of the real sources, so that the data layer (`ndclip.data`),
+training (`run_clip.py`) and the benchmarks are exercised on the same files a user would bring, without a download.
+
+Writers (each takes the folder to write into, a `str` or a `Path`): the `jxie/flickr8k` parquet layout of the Hub
+(`write_hub_parquet`), the Kaggle Flickr8k download (`write_kaggle_flickr8k`), the original Flickr8k release
+(`write_original_flickr8k`), a csv with one caption per row (`write_csv_one_caption_per_row`), jsonl files with a
+list of captions per image (`write_jsonl_caption_lists`), an imagefolder with a metadata.csv (`write_imagefolder`),
+and a folder of every kind of image the data layer must keep or drop (`write_messy_images`).
+
+Every image is a picture of random pixels drawn from its number (`picture`), and its five captions name that number
+(`captions_of`), so a test can tell from a caption which image it belongs to.
+"""
 
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, Image
 from PIL import Image as PILImage
 
-COLOURS = ["red", "blue", "green", "yellow", "black", "white", "brown", "pink"]
-ANIMALS = ["dog", "cat", "horse", "bird", "child", "man", "woman", "boy"]
+# An image name that the real Flickr8k.token.txt captions but the release has no file for; the original layout
+# writes its captions too, so that the loader's skipping of absent images is exercised.
+BOGUS_FLICKR8K_NAME = "2258277193_586949ec62.jpg.1"
+
+_COLOURS = ["red", "blue", "green", "yellow", "black", "white", "brown", "pink"]
+_ANIMALS = ["dog", "cat", "horse", "bird", "child", "man", "woman", "boy"]
 
 
 def captions_of(image_number: int) -> list[str]:
-    """Five captions naming the image's number, so a caption's image can be told from its text."""
-    colour, animal = COLOURS[image_number % 8], ANIMALS[image_number % 8]
+    """Five captions naming the image's number (as their second word), one with a comma (quoted in csv files)."""
+    colour, animal = _COLOURS[image_number % 8], _ANIMALS[image_number % 8]
     return [
         f"photo {image_number} a {colour} {animal} runs",
         f"photo {image_number} the {animal} is {colour}",
@@ -26,19 +40,22 @@ def captions_of(image_number: int) -> list[str]:
     ]
 
 
-def picture(seed: int, size=(24, 32), mode: str = "RGB") -> PILImage.Image:
+def picture(seed: int, size: tuple[int, int] = (24, 32), mode: str = "RGB") -> PILImage.Image:
+    """Random pixels drawn from `seed`; `size` is (height, width); `mode` one of RGB, RGBA, CMYK, L."""
     channels = {"RGB": 3, "RGBA": 4, "CMYK": 4, "L": 1}[mode]
     array = np.random.default_rng(seed).integers(0, 256, size=(*size, channels), dtype=np.uint8)
     return PILImage.fromarray(array[..., 0] if channels == 1 else array, mode=mode)
 
 
 def encoded(image: PILImage.Image, image_format: str = "PNG") -> bytes:
+    """The image as the bytes of a file of `image_format`."""
     buffer = io.BytesIO()
     image.save(buffer, format=image_format)
     return buffer.getvalue()
 
 
-def write_images(folder, names, image_format="JPEG") -> None:
+def write_images(folder, names: list[str], image_format: str = "JPEG") -> None:
+    """`picture(n)` saved as `folder/names[n]`."""
     os.makedirs(folder, exist_ok=True)
     for number, name in enumerate(names):
         picture(number).save(os.path.join(folder, name), format=image_format)
@@ -46,6 +63,7 @@ def write_images(folder, names, image_format="JPEG") -> None:
 
 def write_kaggle_flickr8k(folder, count: int) -> None:
     """`Images/` + `captions.txt`: csv with header image,caption; captions with a comma are quoted."""
+    folder = Path(folder)
     names = [f"{1000 + n}_abc.jpg" for n in range(count)]
     write_images(folder / "Images", names)
     lines = ["image,caption"]
@@ -54,11 +72,11 @@ def write_kaggle_flickr8k(folder, count: int) -> None:
     (folder / "captions.txt").write_text("\n".join(lines) + "\n")
 
 
-BOGUS_FLICKR8K_NAME = "2258277193_586949ec62.jpg.1"
-
-
 def write_original_flickr8k(folder, image_dir: str, split_sizes=(4, 2, 2)) -> list[str]:
-    """The original release: images, Flickr8k.token.txt (with the real file's bogus image name) and split lists."""
+    """The original release: images under `image_dir` (relative to `folder`), and in `Flickr8k_text/` the token file
+    (with the captions of `BOGUS_FLICKR8K_NAME`) and the train/dev/test lists of `split_sizes` images. Returns the
+    image names, in the order of the split lists."""
+    folder = Path(folder)
     names = [f"{2000 + n}_def.jpg" for n in range(sum(split_sizes))]
     write_images(folder / image_dir, names)
     text_dir = folder / "Flickr8k_text"
@@ -73,7 +91,9 @@ def write_original_flickr8k(folder, image_dir: str, split_sizes=(4, 2, 2)) -> li
 
 
 def write_hub_parquet(folder, sizes: dict[str, int], with_label: bool = True) -> None:
-    """The `jxie/flickr8k` schema (image bytes + caption_0..caption_4) as parquet files in the Hub's data/ layout."""
+    """The `jxie/flickr8k` schema (image bytes + caption_0..caption_4) as parquet files in the Hub's data/ layout,
+    one per split of `sizes` {split: number of images}; images are numbered on across the splits. With `with_label`,
+    a ClassLabel `label` (the image number's parity, "even"/"odd") as a zero-shot set has."""
     first = 0
     for split, size in sizes.items():
         numbers = range(first, first + size)
@@ -82,13 +102,15 @@ def write_hub_parquet(folder, sizes: dict[str, int], with_label: bool = True) ->
         table.update({f"caption_{k}": [captions_of(n)[k] for n in numbers] for k in range(5)})
         rows = Dataset.from_dict(table).cast_column("image", Image())
         if with_label:
-            rows = rows.add_column("label", [n % 2 for n in numbers]).cast_column("label", ClassLabel(names=["even", "odd"]))
+            labels = ClassLabel(names=["even", "odd"])
+            rows = rows.add_column("label", [n % 2 for n in numbers]).cast_column("label", labels)
         os.makedirs(os.path.join(folder, "data"), exist_ok=True)
         rows.to_parquet(os.path.join(folder, "data", f"{split}-00000-of-00001.parquet"))
 
 
 def write_csv_one_caption_per_row(folder, count: int) -> str:
-    """`train.csv` with `image_path,caption` rows (one caption per row) and images under `pictures/`."""
+    """`train.csv` with `image_path,caption` rows (one caption per row) and images under `pictures/`; returns the
+    csv's path."""
     names = [f"{n}.png" for n in range(count)]
     write_images(os.path.join(folder, "pictures"), names, image_format="PNG")
     rows = [(f"pictures/{names[n]}", captions_of(n)[k]) for k in range(5) for n in range(count)]
@@ -98,7 +120,8 @@ def write_csv_one_caption_per_row(folder, count: int) -> str:
 
 
 def write_jsonl_caption_lists(folder, splits: dict[str, range]) -> dict[str, str]:
-    """One `<split>.jsonl` per split with `file_name` and a `sentences` list of captions; images under `images/`."""
+    """One `<split>.jsonl` per split of `splits` {split: image numbers} with `file_name` and a `sentences` list of
+    captions; images under `images/`. Returns {split: path of its file}."""
     write_images(os.path.join(folder, "images"), [f"{n}.png" for r in splits.values() for n in r], image_format="PNG")
     paths = {}
     for split, numbers in splits.items():
@@ -110,7 +133,7 @@ def write_jsonl_caption_lists(folder, splits: dict[str, range]) -> dict[str, str
 
 
 def write_imagefolder(folder, count: int) -> None:
-    """An `imagefolder` with its captions in `metadata.csv` (`file_name,text`)."""
+    """An `imagefolder` with one caption per image (the third of `captions_of`) in `metadata.csv` (`file_name,text`)."""
     write_images(folder, [f"{n}.png" for n in range(count)], image_format="PNG")
     lines = ["file_name,text"] + [f'{n}.png,"{captions_of(n)[2]}"' for n in range(count)]
     with open(os.path.join(folder, "metadata.csv"), "w") as file:
@@ -118,7 +141,9 @@ def write_imagefolder(folder, count: int) -> None:
 
 
 def write_messy_images(folder) -> list[str]:
-    """Good images in every colour mode and each kind of broken file; returns the file names (one is missing)."""
+    """Good images in every colour mode the transforms convert (RGB, greyscale, RGBA, CMYK, palette), then one of
+    each kind of broken file (truncated JPEG, zeroed PNG, text named .jpg, a name with no file) and a good image meant
+    to be given no caption. Returns the ten file names in that order; "missing.jpg" is not written."""
     os.makedirs(folder, exist_ok=True)
     picture(1).save(os.path.join(folder, "good.jpg"))
     picture(2, mode="L").save(os.path.join(folder, "gray.png"))

@@ -1,7 +1,7 @@
 """Zero-shot classification and caption matching on a folder of new images with a trained NdCLIP.
 
-    python predict.py --model outputs/ndclip --images photos/ --labels dog,cat,car --output_dir predictions/
-    python predict.py --model user/ndclip-flickr8k --images photos/ --labels_file labels.txt \
+    ndclip predict --model outputs/ndclip --images photos/ --labels dog,cat,car --output_dir predictions/
+    ndclip predict --model user/ndclip-flickr8k --images photos/ --labels_file labels.txt \
         --captions captions.txt --top_k 3 --output_dir predictions/
 
 For every image: the top-k labels with their probabilities (the softmax of `logits_per_image` over the labels, as
@@ -29,7 +29,6 @@ from ndclip.inference import (
     load_ndclip,
     log_unreadable,
     positive_int,
-    run_cli,
 )
 
 logger = logging.getLogger(__name__)
@@ -156,8 +155,8 @@ def format_table(predictions: Sequence[dict], width: int = 40) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `ndclip predict`."""
     parser.add_argument("--model", required=True, help="a saved NdCLIP folder or a Hub id")
     parser.add_argument("--images", required=True, help="a folder of images (searched recursively)")
     parser.add_argument("--labels", help="comma-separated candidate labels, e.g. dog,cat,car")
@@ -176,11 +175,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--sheet_max_images", type=positive_int, default=256, help="at most this many images on the sheet"
     )
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
+def run_predict(args: argparse.Namespace) -> None:
+    """`ndclip predict`: print the table, write `predictions.json` and `contact_sheet.png`."""
     labels = parse_labels(args.labels, args.labels_file)
     captions = read_lines(args.captions) if args.captions else None
     if captions is not None and not captions:
@@ -213,8 +211,3 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ]
     contact_sheet([p["image"] for p in shown], sheet_captions).save(output_dir / "contact_sheet.png")
     logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "contact_sheet.png")
-    return predictions
-
-
-if __name__ == "__main__":
-    run_cli(main, "predict.py")

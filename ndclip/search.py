@@ -1,10 +1,10 @@
 """Image <-> text search over a collection with a trained NdCLIP: embed it once, then query it.
 
-    python search.py index --model outputs/ndclip --images photos/ --output_dir photos_index/
-    python search.py index --model outputs/ndclip --dataset_name user/flickr8k --split test \
+    ndclip search index --model outputs/ndclip --images photos/ --output_dir photos_index/
+    ndclip search index --model outputs/ndclip --dataset_name user/flickr8k --split test \
         --image_column image --caption_column caption --output_dir flickr_index/
-    python search.py query --index photos_index/ --text "a dog runs on the beach" --top_k 5 --png strip.png
-    python search.py query --index flickr_index/ --image query.jpg --json results.json [--faiss]
+    ndclip search query --index photos_index/ --text "a dog runs on the beach" --top_k 5 --png strip.png
+    ndclip search query --index flickr_index/ --image query.jpg --json results.json [--faiss]
 
 `index` embeds the images (and the captions, if the collection has them) in chunks that are each saved to disk as
 soon as they are done, so an interrupted run picks up where it stopped; when all are done they are joined into
@@ -41,7 +41,6 @@ from ndclip.inference import (
     load_ndclip,
     log_unreadable,
     positive_int,
-    run_cli,
 )
 
 logger = logging.getLogger(__name__)
@@ -289,7 +288,7 @@ def read_index_info(index_dir: str | Path) -> dict:
     path = Path(index_dir) / INDEX_FILE
     if not path.is_file():
         raise BadInputError(
-            f"{index_dir} is not a search index (it has no {INDEX_FILE}); build one with `search.py index`"
+            f"{index_dir} is not a search index (it has no {INDEX_FILE}); build one with `ndclip search index`"
         )
     return json.loads(path.read_text())
 
@@ -308,7 +307,7 @@ def load_index(index_dir: str | Path, model, model_name_or_path: str) -> tuple[d
     one that built it: same embedding size and same fingerprint. Raises `BadInputError` otherwise."""
     info = read_index_info(index_dir)
     if not info["complete"]:
-        raise BadInputError(f"the index in {index_dir} is unfinished: run the same `search.py index` command again")
+        raise BadInputError(f"the index in {index_dir} is unfinished: run the same `ndclip search index` command again")
     if info["projection_dim"] != model.config.projection_dim:
         raise BadInputError(
             f"embedding size mismatch: the index in {index_dir} holds {info['projection_dim']}-d embeddings of model "
@@ -411,74 +410,64 @@ def result_strip(info: dict, results: Sequence[dict], thumb_size: int = 160):
 # ----- command line -----------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    index = commands.add_parser("index", help="embed a collection into an index folder (resumable)")
-    index.add_argument("--model", required=True, help="a saved NdCLIP folder or a Hub id")
-    collection = index.add_mutually_exclusive_group()
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `ndclip search index`."""
+    parser.add_argument("--model", required=True, help="a saved NdCLIP folder or a Hub id")
+    collection = parser.add_mutually_exclusive_group()
     collection.add_argument("--images", help="a folder of images (searched recursively)")
     collection.add_argument("--dataset_name", help="a dataset for datasets.load_dataset")
-    index.add_argument("--data_dir", help="data_dir for load_dataset (alone: an imagefolder with metadata)")
-    index.add_argument("--split", default="train")
-    index.add_argument("--image_column", default="image")
-    index.add_argument("--caption_column", help="caption column(s), comma-separated; each a string or a list")
-    index.add_argument("--output_dir", required=True)
-    index.add_argument("--batch_size", type=positive_int, default=32)
-    index.add_argument("--chunk_size", type=positive_int, default=1024, help="images per chunk saved to disk")
-    index.add_argument("--max_chunks", type=positive_int, help="stop after embedding this many chunks (resume later)")
-    index.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--data_dir", help="data_dir for load_dataset (alone: an imagefolder with metadata)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--caption_column", help="caption column(s), comma-separated; each a string or a list")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--chunk_size", type=positive_int, default=1024, help="images per chunk saved to disk")
+    parser.add_argument("--max_chunks", type=positive_int, help="stop after embedding this many chunks (resume later)")
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
 
-    query = commands.add_parser("query", help="search an index with a text or an image")
-    query.add_argument("--index", required=True, help="a folder written by `search.py index`")
-    query.add_argument("--model", help="the model that built the index (default: the one recorded in it)")
-    what = query.add_mutually_exclusive_group(required=True)
+
+def run_index(args: argparse.Namespace) -> None:
+    """`ndclip search index`: build (or resume) the index and print what it holds."""
+    if args.images:
+        source = {"images": str(Path(args.images).resolve())}
+    elif args.dataset_name is None and args.data_dir is None:
+        raise BadInputError("the collection is missing: pass --images, --dataset_name or --data_dir")
+    else:
+        source = {
+            "dataset_name": args.dataset_name,
+            "data_dir": args.data_dir,
+            "split": args.split,
+            "image_column": args.image_column,
+            "caption_columns": [c.strip() for c in (args.caption_column or "").split(",") if c.strip()],
+        }
+    model, processor = load_ndclip(args.model, args.device)
+    model_reference = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    summary = build_index(
+        model, processor, model_reference, source, args.output_dir, args.batch_size, args.chunk_size, args.max_chunks
+    )
+    skipped = f", {len(summary['skipped'])} unreadable and skipped" if summary.get("skipped") else ""
+    state = "complete" if summary["complete"] else "unfinished"
+    print(f"{args.output_dir}: {summary['num_images']} images{skipped}, {state}")
+
+
+def add_query_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `ndclip search query`."""
+    parser.add_argument("--index", required=True, help="a folder written by `ndclip search index`")
+    parser.add_argument("--model", help="the model that built the index (default: the one recorded in it)")
+    what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="find the images that best match this text")
     what.add_argument("--image", help="find the captions (or images) that best match this image file")
-    query.add_argument("--target", choices=("auto", "images", "captions"), default="auto")
-    query.add_argument("--top_k", type=positive_int, default=5)
-    query.add_argument("--faiss", action="store_true", help="search a FAISS index instead of exactly with torch")
-    query.add_argument("--json", help="write the results to this JSON file")
-    query.add_argument("--png", help="write a strip of the top images to this PNG file")
-    query.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-
-    args = parser.parse_args(argv)
-    if args.command == "index" and args.images is None and args.data_dir is None and args.dataset_name is None:
-        parser.error("index needs --images, --dataset_name or --data_dir")
-    return args
+    parser.add_argument("--target", choices=("auto", "images", "captions"), default="auto")
+    parser.add_argument("--top_k", type=positive_int, default=5)
+    parser.add_argument("--faiss", action="store_true", help="search a FAISS index instead of exactly with torch")
+    parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--png", help="write a strip of the top images to this PNG file")
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
 
 
-def main(argv: Sequence[str] | None = None):
-    args = parse_args(argv)
-    if args.command == "index":
-        if args.images:
-            source = {"images": str(Path(args.images).resolve())}
-        else:
-            source = {
-                "dataset_name": args.dataset_name,
-                "data_dir": args.data_dir,
-                "split": args.split,
-                "image_column": args.image_column,
-                "caption_columns": [c.strip() for c in (args.caption_column or "").split(",") if c.strip()],
-            }
-        model, processor = load_ndclip(args.model, args.device)
-        model_reference = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
-        summary = build_index(
-            model,
-            processor,
-            model_reference,
-            source,
-            args.output_dir,
-            args.batch_size,
-            args.chunk_size,
-            args.max_chunks,
-        )
-        skipped = f", {len(summary['skipped'])} unreadable and skipped" if summary.get("skipped") else ""
-        state = "complete" if summary["complete"] else "unfinished"
-        print(f"{args.output_dir}: {summary['num_images']} images{skipped}, {state}")
-        return summary
-
+def run_query(args: argparse.Namespace) -> None:
+    """`ndclip search query`: print the best matches, and write them to `--json` and `--png` if given."""
     info = read_index_info(args.index)
     model_name = args.model or info["model"]
     model, processor = load_ndclip(model_name, args.device)
@@ -490,8 +479,3 @@ def main(argv: Sequence[str] | None = None):
         Path(args.json).write_text(json.dumps({**query, "index": args.index, "results": results}, indent=2) + "\n")
     if args.png:
         result_strip(info, results).save(args.png)
-    return results
-
-
-if __name__ == "__main__":
-    run_cli(main, "search.py")

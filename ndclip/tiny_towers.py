@@ -1,9 +1,11 @@
-"""Small NdCLIP parts that need no download: tower configs, a WordPiece tokenizer trained on given texts, an image
-processor. The offline demo (`run_clip.py --preset demo`), the tests and the benchmarks build their models here."""
+"""Small NdCLIP parts that need no download: tower configs, a WordPiece tokenizer built from given texts, an image
+processor. The offline demo (`ndclip.demo`, `run_clip.py --preset demo`), the tests and the benchmarks build their
+models here."""
 
+from collections import Counter
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import normalizers, pre_tokenizers
 from transformers import DistilBertConfig, DistilBertTokenizer, ViTConfig, ViTImageProcessor
 
 from configuration_ndclip import NdClipConfig
@@ -12,14 +14,31 @@ from processing_ndclip import NdClipProcessor
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_length: int = 64) -> DistilBertTokenizer:
-    """A lower-casing WordPiece tokenizer (DistilBERT's kind) trained with the `tokenizers` library on `texts`."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
-    tokenizer.train_from_iterator(list(texts), trainer=trainer)
-    return DistilBertTokenizer(vocab=tokenizer.get_vocab(), model_max_length=max_length)
+def train_wordpiece_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1000, max_length: int = 64
+) -> DistilBertTokenizer:
+    """A lower-casing WordPiece tokenizer (DistilBERT's kind) whose vocabulary is built from `texts`, the same in every
+    process.
+
+    The vocabulary is WordPiece's alphabet -- each character that starts a word, and each that continues one as
+    `##c` -- then whole words, most frequent first, ties in alphabetical order, up to `vocab_size`. The `tokenizers`
+    library's `WordPieceTrainer` is not used: it breaks ties between equally frequent pairs in hash-map order, which
+    differs from process to process, so two runs with the same seed would get different tokenizers, models and
+    numbers. Words left out of the vocabulary are split into characters; a word with a character the texts never
+    put in that position is `[UNK]`, as with a trained WordPiece.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    )
+    starts = sorted({word[0] for word in counts})
+    continuations = sorted({f"##{char}" for word in counts for char in word[1:]})
+    vocab = list(dict.fromkeys(SPECIAL_TOKENS + starts + continuations))
+    known = set(vocab)
+    words = sorted((word for word in counts if word not in known), key=lambda word: (-counts[word], word))
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    return DistilBertTokenizer(vocab={token: index for index, token in enumerate(vocab)}, model_max_length=max_length)
 
 
 def tiny_vision_config(image_size: int = 30, patch_size: int = 2, hidden_size: int = 32, layers: int = 2) -> ViTConfig:

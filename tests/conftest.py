@@ -4,11 +4,15 @@ trained offline on a few captions, and small generated images. Nothing here touc
 import io
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread here and in the processes that tests start (`accelerate launch` runs get the same): the tensors are
+# tiny, and on a shared small machine OpenMP threads that busy-wait for a core make tiny ops several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +44,19 @@ def random_images(n: int, size=(40, 48), mode: str = "RGB", seed: int = 0) -> li
     return images
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps a process's settings (mixed precision, devices) in singletons that outlive an `Accelerator`,
+    and a later `Accelerator()` silently keeps them: each test ends by resetting them, as accelerate's own
+    `AccelerateTestCase` does, so that in-process `run_clip.main` runs do not inherit each other's settings."""
+    yield
+    if "accelerate.state" in sys.modules:  # nothing to reset in tests that never imported accelerate
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def processor():
     return tiny_processor(CAPTIONS * 3, vocab_size=200)
@@ -68,6 +85,21 @@ def saved_model_dir(tmp_path_factory, make_model, processor):
     make_model().save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def ndclip_error(capsys):
+    """`ndclip_error(*argv)`: run the `ndclip` command in-process with `argv`, check that it stops with exit status 2
+    (a bad option or a `BadInputError`), and return its error line, `ndclip <command>: error: ...`."""
+    from ndclip.cli import main
+
+    def run(*argv) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(arg) for arg in argv])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.splitlines()[-1]
+
+    return run
 
 
 def write_unreadable_images(folder: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""demo_data: the generated image-caption set (schema, sizes, determinism, held-out split, captions that name the
+"""ndclip.demo: the generated image-caption set (schema, sizes, determinism, held-out split, captions that name the
 class) and the tiny model + processor built for it. The minutes-long training is not run here."""
 
 import re
@@ -8,6 +8,8 @@ import pytest
 import torch
 from datasets import ClassLabel, DatasetDict, Image, List, Value
 
+from modeling_ndclip import NdClipModel
+from ndclip.data import without_image_decoding
 from ndclip.demo import (
     DEMO_CLASS_NAMES,
     DEMO_TRAINING_DEFAULTS,
@@ -16,7 +18,7 @@ from ndclip.demo import (
     draw_shape_image,
     make_demo_dataset,
 )
-from modeling_ndclip import NdClipModel
+from ndclip.tiny_towers import train_wordpiece_tokenizer
 from processing_ndclip import NdClipProcessor
 
 
@@ -37,7 +39,8 @@ def model_and_processor(default_demo):
 
 
 def pixel_bytes(split) -> list[bytes]:
-    return [np.asarray(image).tobytes() for image in split["image"]]
+    """Each image's PNG file: equal files are equal pixels, and reading them skips decoding thousands of images."""
+    return [image["bytes"] for image in without_image_decoding(split)["image"]]
 
 
 def test_schema(small_demo):
@@ -59,7 +62,6 @@ def test_default_sizes_meet_the_spec(default_demo):
     # The spec's targets are measured over at least 100 held-out images and at least 4 classes.
     assert len(default_demo["validation"]) >= 100
     assert len(default_demo["train"]) >= 10 * len(default_demo["validation"])
-    assert len(DEMO_CLASS_NAMES) >= 4
     for split in default_demo.values():
         counts = np.bincount(split["label"], minlength=len(DEMO_CLASS_NAMES))
         assert counts.min() > 0 and counts.max() - counts.min() <= 1, counts  # every class, balanced
@@ -119,8 +121,8 @@ def test_tokenizer_knows_every_demo_word(model_and_processor, default_demo):
     # word pieces (which a tokenizer trained on too little text would do for the words it missed).
     _, processor = model_and_processor
     tokenizer = processor.tokenizer
-    texts = [caption for split in default_demo.values() for captions in split["captions"] for caption in captions]
-    texts += [DEMO_ZERO_SHOT_TEMPLATE.format(name) for name in DEMO_CLASS_NAMES]
+    texts = {caption for split in default_demo.values() for captions in split["captions"] for caption in captions}
+    texts = sorted(texts) + [DEMO_ZERO_SHOT_TEMPLATE.format(name) for name in DEMO_CLASS_NAMES]
     words = {word for text in texts for word in re.findall(r"\w+|[^\w\s]", text)}
     assert {"circle", "photo", "orange", "background"} <= words
     for word in words:
@@ -149,16 +151,15 @@ def test_same_seed_same_initial_weights(small_demo):
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
 
 
-def test_training_defaults_name_the_hyper_parameters():
-    expected = {
-        "learning_rate",
-        "num_train_epochs",
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "weight_decay",
-        "num_warmup_steps",
-        "lr_scheduler_type",
-        "max_seq_length",
-    }
-    assert expected <= set(DEMO_TRAINING_DEFAULTS)
-    assert DEMO_TRAINING_DEFAULTS["learning_rate"] > 0 and DEMO_TRAINING_DEFAULTS["num_train_epochs"] >= 1
+
+def test_same_data_same_tokenizer_whatever_the_caption_order(small_demo):
+    """The tokenizer is part of what a seed must fix: `tokenizers`' WordPiece trainer broke ties between equally
+    frequent pairs differently on every call, so two demo runs with one seed trained different models."""
+    texts = [caption for captions in small_demo["train"]["captions"] for caption in captions]
+    _, first = demo_model_and_processor(small_demo, seed=1)
+    again = train_wordpiece_tokenizer(texts, vocab_size=len(first.tokenizer) + 100)
+    shuffled = train_wordpiece_tokenizer(texts[::-1], vocab_size=len(first.tokenizer) + 100)
+    _, second = demo_model_and_processor(small_demo, seed=1)
+    assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
+    assert again.get_vocab() == shuffled.get_vocab()
+    assert first.tokenizer.tokenize("a big red circle") == ["a", "big", "red", "circle"]

@@ -1,5 +1,6 @@
-"""The model card written before upload: metadata and results parse back with huggingface_hub, the body describes
-the heads, and the folder still loads through the zero-shot pipeline. The upload itself is the only untested step."""
+"""The model card written before upload (by run_clip.py, or by `ndclip card`): metadata and results parse back with
+huggingface_hub, the body describes the heads, and the folder still loads through the zero-shot pipeline. The upload
+itself is the only untested step."""
 
 import json
 import re
@@ -12,9 +13,11 @@ from huggingface_hub import ModelCard
 from packaging.requirements import Requirement
 from transformers import pipeline
 
-from ndclip.hub import main, write_model_card
 from modeling_ndclip import NdClipModel
-from run_clip import parse_args, write_card
+from ndclip.cli import main
+from ndclip.hub import write_card, write_model_card
+from ndclip.inference import BadInputError
+from run_clip import parse_args
 
 EVAL_RESULTS = {
     "image_to_text_recall@1": 0.125,
@@ -111,7 +114,7 @@ def test_base_models_default_to_the_towers_the_config_remembers(make_model, tmp_
 
 
 def test_folder_with_card_loads_through_the_pipeline(model_folder):
-    main([str(model_folder), "--dataset_name", "jxie/flickr8k", "--repo_id", "someone/ndclip-flickr8k"])
+    main(["card", str(model_folder), "--dataset_name", "jxie/flickr8k", "--repo_id", "someone/ndclip-flickr8k"])
     assert metrics_by_type(ModelCard.load(model_folder / "README.md"))["text_to_image_recall@5"] == 0.35
 
     classify = pipeline("zero-shot-image-classification", model=str(model_folder), trust_remote_code=True)
@@ -119,6 +122,14 @@ def test_folder_with_card_loads_through_the_pipeline(model_folder):
     result = classify(random_images(1)[0], candidate_labels=labels)
     assert sorted(r["label"] for r in result) == sorted(labels)
     assert sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_card_command_reports_bad_input_in_one_line(model_folder, tmp_path, ndclip_error):
+    missing = tmp_path / "missing"
+    assert ndclip_error("card", missing) == f"ndclip card: error: model folder {missing} does not exist"
+    error = ndclip_error("card", model_folder, "--dataset_name", "my photos")
+    assert error.startswith("ndclip card: error: dataset_name 'my photos' is not a Hub dataset id")
+    assert not (model_folder / "README.md").exists()
 
 
 @pytest.mark.parametrize(
@@ -155,7 +166,7 @@ def test_model_index_names_only_hub_datasets(make_model, tmp_path):
     assert {(r.task_type, r.dataset_type) for r in card.data.eval_results} == {
         ("zero-shot-image-classification", "cifar10")
     }
-    with pytest.raises(ValueError, match=r"dataset_name 'demo \(generated\)' is not a Hub dataset id"):
+    with pytest.raises(BadInputError, match=r"dataset_name 'demo \(generated\)' is not a Hub dataset id"):
         write_model_card(tmp_path / "bad", make_model(), dataset_name="demo (generated)")
 
 

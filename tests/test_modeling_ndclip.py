@@ -64,15 +64,12 @@ def test_heads_are_ndlinear_and_much_smaller_than_linear(make_model):
     model = make_model()
     assert isinstance(model.visual_projection.ndlinear, NdLinear)
     assert isinstance(model.text_projection.ndlinear, NdLinear)
-    # At the real size (768 -> 256 as 24x32 -> 16x16), a head has 928 parameters instead of 196,864.
+    # At the default size: 768 -> 256, as the grids 24 x 32 -> 16 x 16 (one small linear map per axis).
     config = NdClipConfig()
     nd = NdClipProjection(768, 256, "ndlinear", config.vision_input_grid, config.projection_grid)
     linear = NdClipProjection(768, 256, "linear", config.vision_input_grid, config.projection_grid)
-    nd_params = sum(p.numel() for p in nd.parameters())
-    linear_params = sum(p.numel() for p in linear.parameters())
-    assert nd_params == (24 * 16 + 16) + (32 * 16 + 16)
-    assert linear_params == 768 * 256 + 256
-    assert nd_params * 100 < linear_params
+    assert sum(p.numel() for p in nd.parameters()) == 928
+    assert sum(p.numel() for p in linear.parameters()) == 196_864
 
 
 def test_linear_baseline_head(make_model, batch):
@@ -279,7 +276,8 @@ def test_sdpa_attention_matches_eager(processor, batch):
     sdpa.set_attn_implementation("sdpa")
     assert sdpa.config.vision_config._attn_implementation == "sdpa"
     with torch.no_grad():
-        torch.testing.assert_close(eager(**batch).logits_per_image, sdpa(**batch).logits_per_image, atol=1e-4, rtol=1e-4)
+        expected, actual = eager(**batch).logits_per_image, sdpa(**batch).logits_per_image
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
 # ----- bad input --------------------------------------------------------------------------------------------------
@@ -320,8 +318,9 @@ def test_loss_needs_both_modalities_and_equal_batches(make_model, batch):
     model = make_model()
     with pytest.raises(ValueError, match="needs both texts"):
         model(pixel_values=batch["pixel_values"], return_loss=True)
+    text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with pytest.raises(ValueError, match="one text per image, got 4 texts and 2 images"):
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"][:2], return_loss=True)
+        model(**text, pixel_values=batch["pixel_values"][:2], return_loss=True)
 
 
 def test_processor_converts_non_rgb_images(processor, make_model):

@@ -1,22 +1,21 @@
-"""predict.py: zero-shot labels (equal to the pipeline's), caption matching, the table, predictions.json, the contact
-sheet, and a clear error for each bad input."""
+"""`ndclip predict`: zero-shot labels (equal to the pipeline's), caption matching, the table, predictions.json, the
+contact sheet, and a clear error for each bad input. In-process through `ndclip.cli.main`."""
 
 import json
 import logging
 import math
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import CAPTIONS, REPO_ROOT, random_images, write_unreadable_images
+from conftest import CAPTIONS, random_images, write_unreadable_images
 from PIL import Image, ImageDraw, ImageFont
 from transformers import BertConfig, BertModel, pipeline
 
-from ndclip.inference import LINE_HEIGHT, PAD, BadInputError, fit_text, load_ndclip, run_cli
-from ndclip.predict import main, parse_labels, predict
+from ndclip.cli import main
+from ndclip.inference import LINE_HEIGHT, PAD, BadInputError, fit_text, load_ndclip
+from ndclip.predict import parse_labels, predict
 
 LABELS = ["dog", "cat", "red square", "bicycle"]
 
@@ -84,6 +83,7 @@ def test_main_prints_a_table_and_writes_json_and_contact_sheet(saved_model_dir, 
     captions_file.write_text("\n".join(CAPTIONS) + "\n")
     out = tmp_path / "out"
     argv = [
+        "predict",
         "--model",
         str(saved_model_dir),
         "--images",
@@ -129,86 +129,38 @@ def test_main_prints_a_table_and_writes_json_and_contact_sheet(saved_model_dir, 
         assert len(sheet.crop((i * cell + PAD, PAD, i * cell + PAD + 160, PAD + 160)).getcolors(10_000) or []) != 1
 
 
-def test_bad_model_folders_and_image_folders(saved_model_dir, tmp_path, image_folder):
-    def run(model=saved_model_dir, images=image_folder):
-        main(
-            ["--model", str(model), "--images", str(images), "--labels", "dog,cat", "--output_dir", str(tmp_path / "o")]
+def test_bad_model_folders_and_image_folders(saved_model_dir, tmp_path, image_folder, ndclip_error):
+    def error(model=saved_model_dir, images=image_folder) -> str:
+        return ndclip_error(
+            "predict", "--model", model, "--images", images, "--labels", "dog,cat", "--output_dir", tmp_path / "o"
         )
 
     bert = tmp_path / "bert"
     BertModel(
         BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     ).save_pretrained(bert)
-    with pytest.raises(BadInputError, match="holds a 'bert' model, not an NdCLIP"):
-        run(model=bert)
+    assert "holds a 'bert' model, not an NdCLIP" in error(model=bert)
     (tmp_path / "no_config").mkdir()
-    with pytest.raises(BadInputError, match="has no config.json"):
-        run(model=tmp_path / "no_config")
-    with pytest.raises(BadInputError, match="model folder .* does not exist"):
-        run(model=tmp_path / "missing_model")
+    assert "has no config.json" in error(model=tmp_path / "no_config")
+    assert error(model=tmp_path / "missing_model").endswith("missing_model does not exist")
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(BadInputError, match=r"holds no images \(0 other file"):
-        run(images=empty)
+    assert "holds no images (0 other file" in error(images=empty)
     (empty / "readme.md").write_text("# not a picture")
-    with pytest.raises(BadInputError, match=r"holds no images \(1 other file"):
-        run(images=empty)
-    with pytest.raises(BadInputError, match="does not exist"):
-        run(images=tmp_path / "missing")
+    assert "holds no images (1 other file" in error(images=empty)
+    assert error(images=tmp_path / "missing").endswith("image folder " + str(tmp_path / "missing") + " does not exist")
     assert not (tmp_path / "o").exists()
 
 
-def test_command_line(saved_model_dir, image_folder, tmp_path):
-    labels_file = tmp_path / "labels.txt"
-    labels_file.write_text("dog\ncat\ncar\n")
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "predict.py"),
-        "--model",
-        str(saved_model_dir),
-        "--images",
-        str(image_folder),
-        "--labels_file",
-        str(labels_file),
-        "--template",
-        "{}",
-        "--output_dir",
-        "out",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "rgb_2.png" in done.stdout and "custom code" not in done.stdout + done.stderr  # no trust_remote_code prompt
-    report = json.loads((tmp_path / "out" / "predictions.json").read_text())
-    assert len(report["predictions"]) == 5 and report["labels"] == ["dog", "cat", "car"]
-
-
-def test_command_line_reports_bad_input_in_one_line(saved_model_dir, image_folder, tmp_path, capsys):
-    argv = [
-        "--model",
-        str(saved_model_dir),
-        "--images",
-        str(image_folder),
-        "--labels",
-        "dog,cat,dog",
-        "--output_dir",
-        str(tmp_path),
-    ]
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, "predict.py", argv)
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "predict.py: error: the label list has duplicates: 'dog'\n"
-
-
-def test_unreadable_images_are_skipped_and_counted(saved_model_dir, tmp_path, caplog):
+def test_unreadable_images_are_skipped_and_counted(saved_model_dir, tmp_path, caplog, ndclip_error):
     folder = tmp_path / "photos"
     folder.mkdir()
     for i, image in enumerate(random_images(2, seed=4)):
         image.save(folder / f"good_{i}.png")
     unreadable = write_unreadable_images(folder)
     out = tmp_path / "out"
-    argv = ["--model", str(saved_model_dir), "--labels", "dog,cat", "--output_dir", str(out)]
+    argv = ["predict", "--model", str(saved_model_dir), "--labels", "dog,cat", "--output_dir", str(out)]
     with caplog.at_level(logging.INFO):
         main([*argv, "--images", str(folder)])
 
@@ -224,8 +176,7 @@ def test_unreadable_images_are_skipped_and_counted(saved_model_dir, tmp_path, ca
     only_bad = tmp_path / "only_bad"
     only_bad.mkdir()
     write_unreadable_images(only_bad)
-    with pytest.raises(BadInputError, match=r"none of the 3 images in .* could be read"):
-        main([*argv, "--images", str(only_bad)])
+    assert f"none of the 3 images in {only_bad} could be read" in ndclip_error(*argv, "--images", only_bad)
 
 
 @pytest.mark.parametrize(
@@ -241,24 +192,24 @@ def test_unreadable_images_are_skipped_and_counted(saved_model_dir, tmp_path, ca
         ("--template", "a { photo", "is not a valid format string"),
     ],
 )
-def test_bad_flags_are_errors_naming_the_flag(saved_model_dir, image_folder, tmp_path, capsys, flag, value, message):
-    argv = ["--model", str(saved_model_dir), "--images", str(image_folder), "--labels", "dog,cat"]
-    with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--output_dir", str(tmp_path / "out"), flag, value])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.splitlines()[-1]
-    assert f"error: argument {flag}: " in error and message in error
+def test_bad_flags_are_errors_naming_the_flag(
+    saved_model_dir, image_folder, tmp_path, ndclip_error, flag, value, message
+):
+    argv = ["predict", "--model", saved_model_dir, "--images", image_folder, "--labels", "dog,cat"]
+    error = ndclip_error(*argv, "--output_dir", tmp_path / "out", flag, value)
+    assert error.startswith(f"ndclip predict: error: argument {flag}: ") and message in error
     assert not (tmp_path / "out").exists()
 
 
 def test_templates_with_escaped_braces_are_fine(make_model, processor):
-    results, _ = predict(make_model(), processor, random_images(1), ["dog", "cat"], template="{{{}}}", top_k=1)
+    model = make_model()
+    results, _ = predict(model, processor, random_images(1), ["dog", "cat"], template="{{{}}}", top_k=1)
     assert results[0]["labels"][0]["label"] in ("dog", "cat")
     for template in ("no placeholder", "{} and {}", "{name}"):
         with pytest.raises(BadInputError, match="exactly one"):
-            predict(make_model(), processor, random_images(1), ["dog"], template=template)
+            predict(model, processor, random_images(1), ["dog"], template=template)
     with pytest.raises(BadInputError, match="top_k must be at least 1, got 0"):
-        predict(make_model(), processor, random_images(1), ["dog"], top_k=0)
+        predict(model, processor, random_images(1), ["dog"], top_k=0)
 
 
 class CountingDraw:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from ndclip.layouts import write_jsonl_caption_lists
 from safetensors.torch import load_file, save_file
 from test_run_clip import REPO_ROOT, SMALL_RUN, history, launch_command, save_tiny_ndclip, write_format
 from transformers import AutoTokenizer
 
 import run_clip
 from modeling_ndclip import NdClipModel
+from ndclip.layouts import write_jsonl_caption_lists
 
 IN_PROCESS_RUN = [*SMALL_RUN, "--dataloader_num_workers", "0"]
 WORD_EMBEDDINGS = "text_model.embeddings.word_embeddings.weight"

@@ -1,26 +1,23 @@
 """run_clip.py's runs, checkpoints and output folders: a resumed run ends exactly as the uninterrupted one, a damaged
 checkpoint is skipped (`latest`) or named (a path), an output folder holds one run, a resume that would re-train or skip
 samples is refused, and a failed save says so and leaves no results beside other weights. In-process runs
-(`run_clip.main`) on the tiny Kaggle-layout data of test_run_clip.py; a subprocess only where its file size limit (a
-full disk) is the point."""
+(`run_clip.main`) on the tiny Kaggle-layout data of test_run_clip.py, most of them on copies of one finished run."""
 
 import json
-import os
 import resource
 import shutil
 import signal
-import subprocess
-import sys
-from argparse import Namespace
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from ndclip.layouts import write_kaggle_flickr8k
 from safetensors.torch import load_file
-from test_run_clip import REPO_ROOT, history, save_tiny_ndclip, write_format
+from test_run_clip import history, save_tiny_ndclip, write_format
 
 import run_clip
+from ndclip.layouts import write_kaggle_flickr8k
+from ndclip.training import checkpoint_dirs, save_checkpoint
 
 # 16 images: 14 train (3 batches of 4 per epoch), 2 evaluation.
 SMALL_RUN = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--logging_steps", "1",
@@ -78,7 +75,9 @@ def test_resuming_from_the_last_step_trains_no_extra_step(finished_run, tmp_path
 
 
 def test_resuming_a_run_finished_with_epoch_checkpoints(common_args, tmp_path):
-    args = [*common_args, "--num_train_epochs", "1", "--checkpointing_steps", "epoch", "--output_dir", str(tmp_path)]
+    """An epoch of one step (4 training images), checkpointed at its end."""
+    args = [*common_args, "--max_train_samples", "4", "--num_train_epochs", "1", "--checkpointing_steps", "epoch",
+            "--output_dir", str(tmp_path)]  # fmt: skip
     run_clip.main(args)
     finished = snapshot(tmp_path)
     run_clip.main([*args, "--resume_from_checkpoint", "latest"])
@@ -117,9 +116,10 @@ def test_resuming_from_a_damaged_checkpoint_names_the_damage(damage, finished_ru
     args, reference = finished_run
     out = copy_run(reference, tmp_path)
     damage_checkpoint, message = DAMAGES[damage]
-    damage_checkpoint(out / "checkpoints" / "step_4")
+    checkpoint = out / "checkpoints" / "step_4"
+    damage_checkpoint(checkpoint)
     with pytest.raises(SystemExit, match=message):
-        run_clip.main([*args, "--output_dir", str(out), "--resume_from_checkpoint", str(out / "checkpoints" / "step_4")])
+        run_clip.main([*args, "--output_dir", str(out), "--resume_from_checkpoint", str(checkpoint)])
 
 
 def test_latest_skips_a_damaged_checkpoint_and_a_half_written_metrics_line(finished_run, tmp_path, caplog):
@@ -146,7 +146,8 @@ def test_an_output_folder_with_another_run_or_other_files_is_refused(finished_ru
     with pytest.raises(SystemExit, match=r"(?s)not empty.*--resume_from_checkpoint latest.*--overwrite_output_dir"):
         run_clip.main([*args, "--output_dir", str(out)])  # a plain re-run
     with pytest.raises(SystemExit, match=r"(?s)other settings.*learning_rate: 5e-05 → 0.001"):
-        run_clip.main([*args, "--learning_rate", "1e-3", "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+        run_clip.main([*args, "--learning_rate", "1e-3", "--output_dir", str(out),
+                       "--resume_from_checkpoint", "latest"])  # fmt: skip
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before, "nothing written or deleted"
 
     (tmp_path / "notes").mkdir()
@@ -188,28 +189,35 @@ def test_resuming_with_another_batch_layout_is_refused(change, message, finished
         run_clip.main([*args, *change, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
 
 
-def test_resuming_with_another_number_of_processes_is_refused(finished_run, tmp_path):
-    """The folder of a 2-process run (its recorded process count edited: a 2-process launch takes far longer)."""
-    args, reference = finished_run
-    out = copy_run(reference, tmp_path)
+def record_other_settings(out: Path, **changes) -> None:
+    """Make the run in `out` one that was trained with `changes` to its settings, as its training_run.json and
+    checkpoints record them (cheaper than training that run)."""
     for path in [out / "training_run.json", *(out / "checkpoints").glob("step_*/training_state.json")]:
         record = json.loads(path.read_text())
-        record["settings"]["num_processes"] = 2
+        record["settings"].update(changes)
         path.write_text(json.dumps(record))
+
+
+def test_resuming_with_another_number_of_processes_is_refused(finished_run, tmp_path):
+    """The folder of a 2-process run (a 2-process launch takes far longer)."""
+    args, reference = finished_run
+    out = copy_run(reference, tmp_path)
+    record_other_settings(out, num_processes=2)
     with pytest.raises(SystemExit, match=r"(?s)num_processes: 2 → 1.*skip"):
         run_clip.main([*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
 
 
-def test_resuming_after_the_training_data_changed_is_refused(tmp_path):
-    model = save_tiny_ndclip(tmp_path / "model")
-    write_kaggle_flickr8k(tmp_path / "data", 16)
-    args = ["--model_name_or_path", str(model), "--data_dir", str(tmp_path / "data"), *SMALL_RUN,
-            "--max_train_steps", "1", "--checkpointing_steps", "1", "--output_dir", str(tmp_path / "out")]  # fmt: skip
-    run_clip.main(args)
-    shutil.rmtree(tmp_path / "data")
-    write_kaggle_flickr8k(tmp_path / "data", 24)  # more images in the same folder
+def test_resuming_after_the_training_data_changed_is_refused(finished_run, tmp_path):
+    """The run trained on the 16 images of a data folder which now holds 24."""
+    args, reference = finished_run
+    out = copy_run(reference, tmp_path)
+    data = tmp_path / "data"
+    write_kaggle_flickr8k(data, 24)
+    record_other_settings(out, data_dir=str(data))
+    args = [*args]
+    args[args.index("--data_dir") + 1] = str(data)
     with pytest.raises(SystemExit, match=r"trained on 14 images of the training split, which now has 21"):
-        run_clip.main([*args, "--resume_from_checkpoint", "latest"])
+        run_clip.main([*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
 
 
 def test_an_unwritable_output_folder_fails_before_loading_anything(tmp_path):
@@ -229,53 +237,53 @@ def test_pruning_never_deletes_the_checkpoint_just_saved(tmp_path):
     model = torch.nn.Linear(2, 2)
     model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
     for limit in (-1, 1):
-        args = Namespace(output_dir=str(tmp_path / str(limit)), checkpoints_total_limit=limit)
+        output_dir = str(tmp_path / str(limit))
         for step in (1, 2, 3):
-            saved = run_clip.save_checkpoint(accelerator, args, {"completed_steps": step})
+            saved = save_checkpoint(accelerator, output_dir, {"completed_steps": step}, total_limit=limit)
             assert saved.is_dir(), f"--checkpoints_total_limit {limit}: step_{step} deleted right after its save"
-        assert [p.name for p in run_clip.checkpoint_dirs(args.output_dir)] == ["step_3"]
+        assert [p.name for p in checkpoint_dirs(output_dir)] == ["step_3"]
 
 
 # A write past this size fails with EFBIG, as on a full disk: above every file of the data cache and the logs, below
 # the tiny model's weights.
 FILE_SIZE_LIMIT = 150_000
-FULL_DISK_SCRIPT = """
-import json, sys
-import run_clip
-for argv in json.loads(sys.argv[1]):
+
+
+@contextmanager
+def full_disk():
+    """Writes past `FILE_SIZE_LIMIT` fail with EFBIG in this process (SIGXFSZ ignored, so that the write fails
+    instead of killing it), as on a full disk; the limit is lifted afterwards (a soft limit: raising it back to the
+    hard limit needs no privilege)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, hard))
     try:
-        run_clip.main(argv)
-        print(json.dumps("finished"))
-    except SystemExit as error:
-        print(json.dumps(str(error)))
-"""
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
-def limit_file_size() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing
-    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
-
-
-def test_a_full_disk_during_saves_is_named_and_leaves_no_mismatched_results(finished_run, common_args, tmp_path):
+def test_a_full_disk_during_saves_is_named_and_leaves_no_mismatched_results(finished_run, tmp_path):
     args, reference = finished_run
     assert (reference / "model.safetensors").stat().st_size > FILE_SIZE_LIMIT
     killed = copy_run(reference, tmp_path)  # as a run killed after its step_2 checkpoint left it
     shutil.rmtree(killed / "checkpoints" / "step_4")
     for name in ("model.safetensors", "eval_results.json", "README.md"):
         (killed / name).unlink()
-    fresh = tmp_path / "fresh"
-    runs = [[*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"],
-            [*common_args, "--max_train_steps", "1", "--output_dir", str(fresh)]]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, json.dumps(runs)], capture_output=True, text=True,
-                            env=env, cwd=REPO_ROOT, timeout=300, preexec_fn=limit_file_size)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint_error, final_error = (json.loads(line) for line in result.stdout.splitlines()[-2:])
+    finished = Path(shutil.copytree(reference, tmp_path / "finished"))  # resumed at its end: only the final save left
 
+    with full_disk():
+        with pytest.raises(SystemExit) as checkpoint_error:
+            run_clip.main([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+        with pytest.raises(SystemExit) as final_error:
+            run_clip.main([*args, "--output_dir", str(finished), "--resume_from_checkpoint", "latest"])
+
+    checkpoint_error, final_error = str(checkpoint_error.value), str(final_error.value)
     assert "step_4" in checkpoint_error and "File too large" in checkpoint_error, checkpoint_error
     assert "step_2" in checkpoint_error and "intact" in checkpoint_error, checkpoint_error
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_2"], "the partial save is removed"
     assert not (killed / "eval_results.json").exists()
 
     assert "final model" in final_error and "File too large" in final_error, final_error
-    assert not (fresh / "eval_results.json").exists(), "results are written only beside the weights they describe"
+    assert not (finished / "eval_results.json").exists(), "results are written only beside the weights they describe"

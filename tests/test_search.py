@@ -1,23 +1,23 @@
-"""search.py: the index (embeddings saved with `datasets`, resumable), text->image and image->caption/image queries
-checked against the model's own forward pass, exact vs FAISS search, the JSON and PNG outputs, and clear errors for
-bad input (another model, an unfinished or missing index, an empty folder)."""
+"""`ndclip search`: the index (embeddings saved with `datasets`, resumable), text->image and image->caption/image
+queries checked against the model's own forward pass, exact vs FAISS search, the printed table and the JSON and PNG
+outputs, and clear errors for bad input (another model, an unfinished or missing index, an empty folder). In-process
+through `ndclip.cli.main`."""
 
 import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import datasets
 import pytest
 import torch
-from conftest import CAPTIONS, REPO_ROOT, random_images, write_unreadable_images
+from conftest import CAPTIONS, random_images, write_unreadable_images
 from PIL import Image
 
-from ndclip.inference import LINE_HEIGHT, PAD, BadInputError, load_ndclip
 from modeling_ndclip import NdClipModel
-from ndclip.search import build_index, load_index, main, query_index
+from ndclip.cli import main
+from ndclip.inference import LINE_HEIGHT, PAD, BadInputError, load_ndclip
+from ndclip.search import build_index, load_index, query_index
 
 NUM_IMAGES = 7
 EXTRA_CAPTIONS = {1: ["a dog sleeps on the grass"], 3: ["a cat runs near the sea"]}
@@ -63,6 +63,18 @@ def caption_dataset_dir(tmp_path_factory):
         rows.append({"file_name": f"{i}.png", "text": CAPTIONS[i], "extra": EXTRA_CAPTIONS.get(i, [])})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
+
+
+def search(*argv) -> None:
+    """Run `ndclip search argv...` in-process."""
+    main(["search", *map(str, argv)])
+
+
+def query_results(tmp_path, *argv) -> list[dict]:
+    """The results of `ndclip search query argv...`, read back from its --json file."""
+    json_file = tmp_path / "results.json"
+    search("query", *argv, "--json", json_file)
+    return json.loads(json_file.read_text())["results"]
 
 
 def forward_scores(model, processor, texts, images):
@@ -155,21 +167,8 @@ def test_interrupted_index_resumes_without_recomputing_finished_chunks(
 def test_dataset_collection_with_captions(model_and_processor, saved_model_dir, caption_dataset_dir, tmp_path):
     model, processor = model_and_processor
     output_dir = tmp_path / "idx"
-    main(
-        [
-            "index",
-            "--model",
-            str(saved_model_dir),
-            "--data_dir",
-            str(caption_dataset_dir),
-            "--caption_column",
-            "text,extra",
-            "--chunk_size",
-            "2",
-            "--output_dir",
-            str(output_dir),
-        ]
-    )
+    search("index", "--model", saved_model_dir, "--data_dir", caption_dataset_dir, "--caption_column", "text,extra",
+           "--chunk_size", "2", "--output_dir", output_dir)  # fmt: skip
     captions = datasets.load_from_disk(str(output_dir / "captions"))[:]  # columns as lists
     # One row per caption, in the collection's order: image i's "text", then its "extra" captions.
     expected = [(i, text) for i in range(5) for text in [CAPTIONS[i], *EXTRA_CAPTIONS.get(i, [])]]
@@ -177,148 +176,91 @@ def test_dataset_collection_with_captions(model_and_processor, saved_model_dir, 
 
     query = tmp_path / "query.png"
     random_images(5, seed=9)[1].save(query)
-    results = main(
-        [
-            "query",
-            "--index",
-            str(output_dir),
-            "--image",
-            str(query),
-            "--top_k",
-            "3",
-            "--json",
-            str(tmp_path / "r.json"),
-            "--png",
-            str(tmp_path / "r.png"),
-        ]
+    results = query_results(
+        tmp_path, "--index", output_dir, "--image", query, "--top_k", "3", "--png", tmp_path / "r.png"
     )
     scores = forward_scores(model, processor, captions["caption"], [Image.open(query)])[0]
     top = scores.topk(3)
     assert [r["caption"] for r in results] == [captions["caption"][i] for i in top.indices.tolist()]
     assert [r["row"] for r in results] == [captions["image_row"][i] for i in top.indices.tolist()]
     torch.testing.assert_close(torch.tensor([r["score"] for r in results]), top.values, atol=1e-5, rtol=0)
-    assert json.loads((tmp_path / "r.json").read_text())["results"] == results
     with Image.open(tmp_path / "r.png") as strip:  # the images come from the dataset: three cells, two text lines
         assert strip.size == (3 * (160 + 2 * PAD), 160 + 2 * PAD + 2 * LINE_HEIGHT)
 
 
-def test_query_with_another_model_fails_clearly(folder_index, make_model, processor, tmp_path):
+def test_query_with_another_model_fails_clearly(folder_index, make_model, processor, tmp_path, ndclip_error):
     other = tmp_path / "other"  # same shape, other weights
     make_model(seed=1).save_pretrained(other)
     processor.save_pretrained(other)
-    with pytest.raises(BadInputError, match=r"model mismatch: .* was built with .*fingerprint"):
-        main(["query", "--index", str(folder_index), "--model", str(other), "--text", "a dog"])
+    error = ndclip_error("search", "query", "--index", folder_index, "--model", other, "--text", "a dog")
+    assert error.startswith(f"ndclip search query: error: model mismatch: the index in {folder_index} was built with")
+    assert f"but {other} has fingerprint" in error
 
     smaller = tmp_path / "smaller"  # another embedding size
     make_model(projection_dim=8).save_pretrained(smaller)
     processor.save_pretrained(smaller)
-    with pytest.raises(BadInputError, match="embedding size mismatch: .* holds 16-d embeddings .* gives 8-d ones"):
-        main(["query", "--index", str(folder_index), "--model", str(smaller), "--text", "a dog"])
+    error = ndclip_error("search", "query", "--index", folder_index, "--model", smaller, "--text", "a dog")
+    assert "embedding size mismatch:" in error and "holds 16-d embeddings" in error and "gives 8-d ones" in error
 
     partial = tmp_path / "partial"  # resuming with another model is refused too
     shutil.copytree(folder_index, partial)
     info = json.loads((partial / "index.json").read_text())
     (partial / "index.json").write_text(json.dumps({**info, "complete": False}))
-    with pytest.raises(BadInputError, match="other settings .*fingerprint"):
-        main(
-            [
-                "index",
-                "--model",
-                str(other),
-                "--images",
-                info["source"]["images"],
-                "--chunk_size",
-                "3",
-                "--output_dir",
-                str(partial),
-            ]
-        )
+    error = ndclip_error("search", "index", "--model", other, "--images", info["source"]["images"], "--chunk_size", "3",
+                         "--output_dir", partial)  # fmt: skip
+    assert "already holds an index built with other settings (fingerprint differ)" in error
 
 
-def test_bad_index_and_collection_inputs(saved_model_dir, caption_dataset_dir, tmp_path):
-    with pytest.raises(BadInputError, match="is not a search index"):
-        main(["query", "--index", str(tmp_path), "--model", str(saved_model_dir), "--text", "a dog"])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(BadInputError, match="holds no images"):
-        main(
-            [
-                "index",
-                "--model",
-                str(saved_model_dir),
-                "--images",
-                str(tmp_path / "empty"),
-                "--output_dir",
-                str(tmp_path / "i"),
-            ]
-        )
-    with pytest.raises(BadInputError, match="no column 'caption'"):
-        main(
-            [
-                "index",
-                "--model",
-                str(saved_model_dir),
-                "--data_dir",
-                str(caption_dataset_dir),
-                "--caption_column",
-                "caption",
-                "--output_dir",
-                str(tmp_path / "i"),
-            ]
-        )
-
-
-def test_command_line(folder_index, tmp_path):
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "search.py"),
-        "query",
-        "--index",
-        str(folder_index),
-        "--text",
-        "a cat sleeps on a sofa",
-        "--top_k",
-        "4",
-        "--json",
-        "out.json",
-        "--png",
-        "strip.png",
-    ]
-    done = subprocess.run(
-        command, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300
+def test_bad_index_and_collection_inputs(saved_model_dir, caption_dataset_dir, tmp_path, ndclip_error):
+    error = ndclip_error("search", "query", "--index", tmp_path, "--model", saved_model_dir, "--text", "a dog")
+    assert error == (
+        f"ndclip search query: error: {tmp_path} is not a search index (it has no index.json); build one with "
+        "`ndclip search index`"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "out.json").read_text())["results"]
+    index = ["search", "index", "--model", saved_model_dir, "--output_dir", tmp_path / "i"]
+    (tmp_path / "empty").mkdir()
+    assert "holds no images" in ndclip_error(*index, "--images", tmp_path / "empty")
+    error = ndclip_error(*index, "--data_dir", caption_dataset_dir, "--caption_column", "caption")
+    assert "the dataset has no column 'caption'" in error
+    error = ndclip_error(*index)
+    assert error == "ndclip search index: error: the collection is missing: pass --images, --dataset_name or --data_dir"
+    assert not (tmp_path / "i").exists()
+
+
+def test_query_prints_a_table_and_writes_json_and_png(folder_index, tmp_path, capsys):
+    results = query_results(tmp_path, "--index", folder_index, "--text", "a cat sleeps on a sofa", "--top_k", "4",
+                            "--png", tmp_path / "strip.png")  # fmt: skip
     assert [r["rank"] for r in results] == [1, 2, 3, 4]
-    assert all(f"{r['score']:.4f}  {r['path']}" in done.stdout for r in results)  # the printed table
+    table = capsys.readouterr().out
+    assert all(f"{r['score']:.4f}  {r['path']}" in table for r in results)
     with Image.open(tmp_path / "strip.png") as strip:
         assert strip.size == (4 * (160 + 2 * PAD), 160 + 2 * PAD + 2 * LINE_HEIGHT)
 
 
-def test_index_skips_unreadable_images_and_counts_them(saved_model_dir, tmp_path, caplog, capsys):
+def test_index_skips_unreadable_images_and_counts_them(saved_model_dir, tmp_path, caplog, capsys, ndclip_error):
     folder = tmp_path / "photos"
     folder.mkdir()
     for i, image in enumerate(random_images(3, seed=6)):
         image.save(folder / f"good_{i}.png")
     unreadable = write_unreadable_images(folder)  # bomb.png, truncated.jpg, truncated.png: rows 0, 4 and 5
     output_dir = tmp_path / "idx"
-    argv = ["index", "--model", str(saved_model_dir), "--images", str(folder), "--output_dir", str(output_dir)]
     with caplog.at_level(logging.INFO):
-        summary = main([*argv, "--chunk_size", "4"])
-    assert summary["complete"] and summary["num_images"] == 6
-    assert [(entry["row"], os.path.basename(entry["path"])) for entry in summary["skipped"]] == [
+        search("index", "--model", saved_model_dir, "--images", folder, "--output_dir", output_dir, "--chunk_size", "4")
+    info = json.loads((output_dir / "index.json").read_text())
+    assert info["complete"] and info["num_images"] == 6
+    assert [(entry["row"], os.path.basename(entry["path"])) for entry in info["skipped"]] == [
         (0, "bomb.png"), (4, "truncated.jpg"), (5, "truncated.png")
-    ]
-    assert json.loads((output_dir / "index.json").read_text())["skipped"] == summary["skipped"]
+    ]  # fmt: skip
     assert "skipped 3 unreadable image(s)" in caplog.text and all(name in caplog.text for name in unreadable)
-    assert "6 images, 3 unreadable and skipped, complete" in capsys.readouterr().out
+    assert f"{output_dir}: 6 images, 3 unreadable and skipped, complete" in capsys.readouterr().out
 
     images = datasets.load_from_disk(str(output_dir / "images"))[:]
     assert images["row"] == [1, 2, 3]
     assert [os.path.basename(path) for path in images["path"]] == ["good_0.png", "good_1.png", "good_2.png"]
-    results = main(["query", "--index", str(output_dir), "--text", "a dog", "--top_k", "10"])
+    results = query_results(tmp_path, "--index", output_dir, "--text", "a dog", "--top_k", "10")
     assert sorted(r["row"] for r in results) == [1, 2, 3]
-    with pytest.raises(BadInputError, match=r"cannot read the query image .*truncated.png"):
-        main(["query", "--index", str(output_dir), "--image", str(folder / "truncated.png")])
+    error = ndclip_error("search", "query", "--index", output_dir, "--image", folder / "truncated.png")
+    assert f"cannot read the query image {folder / 'truncated.png'}" in error
 
 
 def test_dataset_collection_skips_unreadable_images_with_their_captions(saved_model_dir, tmp_path):
@@ -329,42 +271,39 @@ def test_dataset_collection_skips_unreadable_images_with_their_captions(saved_mo
     rows = [{"file_name": name, "text": f"caption of {name}"} for name in names]
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     output_dir = tmp_path / "idx"
-    summary = main(
-        ["index", "--model", str(saved_model_dir), "--data_dir", str(folder), "--caption_column", "text",
-         "--output_dir", str(output_dir)]
-    )  # fmt: skip
-    assert len(summary["skipped"]) == 3
+    search("index", "--model", saved_model_dir, "--data_dir", folder, "--caption_column", "text",
+           "--output_dir", output_dir)  # fmt: skip
+    assert len(json.loads((output_dir / "index.json").read_text())["skipped"]) == 3
     captions = datasets.load_from_disk(str(output_dir / "captions"))[:]
     kept = datasets.load_from_disk(str(output_dir / "images"))[:]["row"]
     assert len(kept) == 1 and captions["image_row"] == kept
 
 
 @pytest.mark.parametrize("value", ["0", "-3"])
-def test_top_k_must_be_positive(folder_index, capsys, value):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["query", "--index", str(folder_index), "--text", "a dog", "--top_k", value])
-    assert exit_info.value.code == 2
-    assert f"argument --top_k: must be a positive integer, got {value}" in capsys.readouterr().err
+def test_top_k_must_be_positive(folder_index, ndclip_error, value):
+    error = ndclip_error("search", "query", "--index", folder_index, "--text", "a dog", "--top_k", value)
+    assert error == f"ndclip search query: error: argument --top_k: must be a positive integer, got {value}"
 
 
-def test_index_refuses_a_model_that_differs_in_one_tower_weight(folder_index, saved_model_dir, processor, tmp_path):
+def test_index_refuses_a_model_that_differs_in_one_tower_weight(
+    folder_index, saved_model_dir, processor, tmp_path, ndclip_error
+):
     model = NdClipModel.from_pretrained(saved_model_dir)
     with torch.no_grad():  # one weight of the image tower, far from the heads and the logit scale
         model.vision_model.layers[0].attention.q_proj.weight[0, 0] += 0.5
     other = tmp_path / "other_vision"
     model.save_pretrained(other)
     processor.save_pretrained(other)
-    with pytest.raises(BadInputError, match="model mismatch"):
-        main(["query", "--index", str(folder_index), "--model", str(other), "--text", "a dog"])
+    query = ["search", "query", "--index", folder_index, "--text", "a dog", "--model"]
+    assert "model mismatch" in ndclip_error(*query, other)
 
     model = NdClipModel.from_pretrained(saved_model_dir)  # the same weights, another config
     model.config.vision_config.layer_norm_eps = 1e-3
     other_config = tmp_path / "other_config"
     model.save_pretrained(other_config)
     processor.save_pretrained(other_config)
-    with pytest.raises(BadInputError, match="model mismatch"):
-        main(["query", "--index", str(folder_index), "--model", str(other_config), "--text", "a dog"])
+    assert "model mismatch" in ndclip_error(*query, other_config)
 
     copy = tmp_path / "copy"  # the same model elsewhere: where it was loaded from does not matter
     shutil.copytree(saved_model_dir, copy)
-    assert main(["query", "--index", str(folder_index), "--model", str(copy), "--text", "a dog"])
+    assert [r["rank"] for r in query_results(tmp_path, *query[2:], copy)] == [1, 2, 3, 4, 5]  # the default --top_k

@@ -1,16 +1,26 @@
-"""retrieval_metrics: recall@K and median ranks on hand-built similarity matrices, ties broken at random in
-expectation (degenerate models score exactly at chance), non-finite scores as misses, chunking, image ids, zero-shot
-accuracy, and the fixed-batch contrastive loss."""
+"""Retrieval recall@K and median ranks on hand-built similarity matrices, ties broken at random in expectation
+(degenerate models score exactly at chance), non-finite scores as misses, chunking, image ids; the same through the
+`evaluate` module loaded offline from its folder; zero-shot accuracy, and the fixed-batch contrastive loss."""
 
 import itertools
 import math
+import socket
 import statistics
+import sys
+from pathlib import Path
 
+import evaluate
 import pytest
 import torch
 
 from modeling_ndclip import ndclip_loss
-from ndclip.metrics import chunked_contrastive_loss, retrieval_metrics, zero_shot_accuracy
+from ndclip.metrics import (
+    RETRIEVAL_METRIC,
+    chunked_contrastive_loss,
+    load_retrieval_metric,
+    retrieval_metrics,
+    zero_shot_accuracy,
+)
 
 
 def embeddings_with_similarity(similarity: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +67,7 @@ def test_hand_built_matrix_with_two_captions_per_image():
     assert metrics["text_to_image_median_rank"] == 1.0
 
 
-def test_default_keys():
+def test_default_ks():
     image_embeds, text_embeds = embeddings_with_similarity(THREE_IMAGES)
     metrics = retrieval_metrics(image_embeds, text_embeds, THREE_IMAGES_CAPTION_IDS)
     assert set(metrics) == {
@@ -67,7 +77,6 @@ def test_default_keys():
     }
     # Only 3 images and 6 captions: every correct answer is within the top 5.
     assert metrics["image_to_text_recall@5"] == metrics["text_to_image_recall@5"] == 1.0
-    assert all(isinstance(value, float) for value in metrics.values())
 
 
 def test_ties_are_broken_at_random_in_expectation():
@@ -224,6 +233,54 @@ def test_bad_ids_are_rejected():
         retrieval_metrics(image_embeds, text_embeds, torch.tensor([0, 0, 1, 1, 1, 1]))
     with pytest.raises(ValueError, match="all be different"):
         retrieval_metrics(image_embeds, text_embeds, THREE_IMAGES_CAPTION_IDS, image_ids=torch.tensor([0, 1, 1]))
+
+
+# ----- the evaluate module ----------------------------------------------------------------------------------------
+# Its inputs go through evaluate's Arrow table (float32 lists): the results must be those of `retrieval_metrics`
+# exactly, ties and NaN included.
+
+
+def compute_with_module(image_embeds, text_embeds, caption_ids, image_ids=None, **kwargs) -> dict:
+    return load_retrieval_metric().compute(
+        predictions=text_embeds.numpy(), references=caption_ids.numpy(), image_embeds=image_embeds,
+        image_ids=image_ids, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("problem", [random_retrieval_problem, tie_heavy_retrieval_problem])
+def test_evaluate_module_equals_retrieval_metrics(problem):
+    image_embeds, text_embeds, caption_ids, image_ids, _ = problem()
+    expected = retrieval_metrics(image_embeds, text_embeds, caption_ids, image_ids)
+    assert compute_with_module(image_embeds, text_embeds, caption_ids, image_ids) == expected
+    chunked = compute_with_module(image_embeds, text_embeds, caption_ids, image_ids, ks=(1, 3), chunk_size=5)
+    assert chunked == retrieval_metrics(image_embeds, text_embeds, caption_ids, image_ids, ks=(1, 3))
+
+
+def test_evaluate_module_counts_non_finite_scores_as_misses():
+    image_embeds, text_embeds = embeddings_with_similarity(THREE_IMAGES)
+    text_embeds[4] = float("nan")
+    metrics = compute_with_module(image_embeds, text_embeds, THREE_IMAGES_CAPTION_IDS, ks=(1, 3))
+    assert metrics == retrieval_metrics(image_embeds, text_embeds, THREE_IMAGES_CAPTION_IDS, ks=(1, 3))
+    assert metrics["image_to_text_recall@3"] == 0.0 and metrics["image_to_text_median_rank"] == 6
+
+
+def test_evaluate_module_loads_offline_from_its_folder_alone(monkeypatch):
+    # Pushed to the Hub, the folder is all there is: evaluate copies the script alone into its modules cache, and
+    # the script may import only what its requirements.txt lists (not ndclip, not the model files).
+    def no_network(*args):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    metric = evaluate.load(RETRIEVAL_METRIC)
+    assert metric.name == "image_text_retrieval"
+    requirements = (Path(RETRIEVAL_METRIC) / "requirements.txt").read_text().split()
+    allowed = {name.split(">")[0].split("=")[0] for name in requirements} | set(sys.stdlib_module_names)
+    script = Path(RETRIEVAL_METRIC) / "image_text_retrieval.py"
+    imported = {name for kind, name, *_ in evaluate.loading.get_imports(str(script)) if kind == "library"}
+    assert imported <= allowed, imported - allowed
+    identity = [[1.0, 0.0], [0.0, 1.0]]
+    metrics = metric.compute(predictions=identity, references=[0, 1], image_embeds=identity, ks=(1,))
+    assert metrics["text_to_image_recall@1"] == metrics["image_to_text_recall@1"] == 1.0
 
 
 # ----- degenerate models score at chance ------------------------------------------------------------------------

@@ -1,0 +1,508 @@
+"""What `run_clip.py`'s training loop relies on, one home each: the state of a run (`TrainingRun`), the contrastive
+loss over the global batch, the guards that stop a run whose loss or weights are no longer finite, checkpoints that
+survive a crash and are validated before a resume, the output folder that holds one run, and the metrics history
+with its plots.
+
+A checkpoint is accelerate's `save_state` folder plus `training_state.json` (`training_state`): the position in the
+data, the latest evaluation, the length of `metrics.jsonl` and the run's settings, so that a resumed run neither
+repeats nor skips a sample, a step or a logged record, and ends exactly as the uninterrupted run.
+"""
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.nn.functional  # all_gather with gradients
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from safetensors import SafetensorError, safe_open
+
+from modeling_ndclip import ndclip_loss
+
+logger = get_logger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step_"
+TRAINING_STATE_FILE = "training_state.json"
+# What a checkpoint's training_state.json holds beside accelerate's state (`training_state`, `save_checkpoint`).
+TRAINING_STATE_KEYS = (
+    "completed_steps", "epoch", "batches_in_epoch", "metrics_records", "eval_results", "settings", "train_samples",
+    "files",
+)  # fmt: skip
+# What a failed write raises: OSError (ENOSPC, EFBIG, ...), torch's `unexpected pos ... vs ...` RuntimeError, and
+# safetensors' own error type.
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+# ----- the state of a run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    """One training run of `run_clip.py`: what its steps build, and where it stands.
+
+    `args` are run_clip.py's parsed arguments. The model, optimizer, scheduler and loaders are the prepared
+    (`accelerator.prepare`) ones. The position -- `completed_steps` optimizer steps done, `batches_in_epoch` batches
+    of epoch `epoch` trained -- is what a checkpoint records and a resume restores; `eval_results` is the latest
+    evaluation (None before the first)."""
+
+    accelerator: Accelerator
+    args: Any
+    model: torch.nn.Module
+    processor: Any
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    train_loader: Any
+    train_collator: Any  # reseeded every epoch (`set_epoch`): its crops and caption choices follow the epoch
+    eval_loaders: dict  # "images" (images with their first caption) and "captions" (every caption)
+    history: "MetricsHistory"
+    settings: dict  # `run_settings`: what makes this run this run
+    train_samples: int  # the training split's size, which a checkpoint's place in its epoch depends on
+    class_names: list[str] | None = None  # the evaluation split's labels, for zero-shot accuracy
+    zero_shot: tuple | None = None  # (loader, class names) of `--zero_shot_dataset`
+    completed_steps: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    eval_results: dict | None = None
+
+
+def training_state(run: TrainingRun) -> dict:
+    """What a checkpoint records beside accelerate's state (`TRAINING_STATE_KEYS`, less the file list that
+    `save_checkpoint` adds): the position in the data, the latest evaluation and the length of metrics.jsonl (so that
+    a resumed run neither repeats nor loses any), and the run it belongs to."""
+    return {
+        "completed_steps": run.completed_steps, "epoch": run.epoch, "batches_in_epoch": run.batches_in_epoch,
+        "metrics_records": run.history.records, "eval_results": run.eval_results, "settings": run.settings,
+        "train_samples": run.train_samples,
+    }  # fmt: skip
+
+
+def resume(run: TrainingRun, checkpoint: Path | None) -> None:
+    """Continue `run` from `checkpoint` (validated by `resolve_checkpoint`): weights, optimizer, schedule and random
+    states from accelerate's state, the position in the data and the latest evaluation from training_state.json, and
+    metrics.jsonl cut back to what had been logged when it was saved. Without a checkpoint, a fresh history."""
+    if checkpoint is None:
+        run.history.keep_first(0)
+        return
+    state = read_training_state(checkpoint)
+    run.accelerator.load_state(str(checkpoint))
+    run.completed_steps, run.epoch = state["completed_steps"], state["epoch"]
+    run.batches_in_epoch, run.eval_results = state["batches_in_epoch"], state["eval_results"]
+    run.history.keep_first(state["metrics_records"])
+    position = f"step {run.completed_steps} (epoch {run.epoch}, batch {run.batches_in_epoch})"
+    logger.info(f"resumed from {checkpoint} at {position}")
+
+
+# ----- the loss over the global batch -------------------------------------------------------------------------------
+
+
+def gather_with_grad(tensor: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """All processes' rows, in process order, with gradients flowing back to each process's own rows.
+
+    `torch.distributed.nn.functional.all_gather` sums the gradients of every copy in its backward; each process
+    computes the same global loss, so its rows receive `world_size` times their gradient, which DDP's gradient
+    averaging divides back out: N processes x batch b train exactly like 1 process x batch N*b.
+    """
+    if accelerator.num_processes == 1:
+        return tensor
+    return torch.cat(torch.distributed.nn.functional.all_gather(tensor.contiguous()), dim=0)
+
+
+def global_contrastive_loss(outputs, accelerator: Accelerator) -> torch.Tensor:
+    """CLIP's symmetric loss over the global batch (every process's samples, as open_clip's `ClipLoss`), computed
+    in float32 whatever the mixed precision."""
+    image_embeds = gather_with_grad(outputs.image_embeds.float(), accelerator)
+    text_embeds = gather_with_grad(outputs.text_embeds.float(), accelerator)
+    logits_per_text = outputs.logit_scale.float() * text_embeds @ image_embeds.t()
+    return ndclip_loss(logits_per_text)
+
+
+# ----- stopping a run whose loss or weights are no longer finite ----------------------------------------------------
+
+
+def stop_if_loss_not_finite(run: TrainingRun, loss: torch.Tensor, outputs, image_ids: torch.Tensor) -> None:
+    """Stop every process at the first NaN or infinite training loss of the step being trained, before its backward
+    pass and optimizer step carry it into the weights.
+
+    Every process computes the same global loss, but one that stopped alone would leave the others waiting forever in
+    their next collective: the verdict is reduced across processes, so it is the same everywhere by construction. The
+    embeddings of each sample then tell weights that diverged (every sample non-finite) from a few samples that reach
+    a bad weight or overflow."""
+    accelerator = run.accelerator
+    if not accelerator.reduce((~torch.isfinite(loss.detach())).float(), reduction="sum").item():
+        return
+    finite_rows = torch.isfinite(outputs.image_embeds).all(-1) & torch.isfinite(outputs.text_embeds).all(-1)
+    finite_rows, image_ids = accelerator.gather((finite_rows.long(), image_ids))
+    bad = image_ids[finite_rows == 0].tolist()
+    if len(bad) == len(image_ids):
+        where = "the embeddings of every sample in the batch are non-finite: the weights diverged"
+    elif bad:
+        where = (
+            f"the embeddings of {len(bad)} of {len(image_ids)} samples in the batch are non-finite (training split "
+            f"image_id {', '.join(map(str, bad[:10]))})"
+        )
+    else:
+        where = "the embeddings are finite, the logits (logit_scale x cosine similarity) are not"
+    value = loss.item() if not torch.isfinite(loss) else "non-finite on another process"
+    step = run.completed_steps + 1
+    raise stop_training(run, step, f"the training loss is {value} at step {step} (epoch {run.epoch}); {where}")
+
+
+def stop_if_parameters_not_finite(run: TrainingRun) -> None:
+    """Refuse to save or push weights that hold NaN or infinity: a non-finite gradient makes them so although the loss
+    of its step was finite. Each process checks its own parameters (its shards under FSDP; under DeepSpeed ZeRO-3 its
+    partition, kept in `ds_tensor`), and the count is reduced, so that every process stops together."""
+    accelerator = run.accelerator
+    params = list(accelerator.unwrap_model(run.model, keep_torch_compile=False).named_parameters())
+    finite = torch.stack([torch.isfinite(getattr(param, "ds_tensor", param)).all() for _, param in params]).tolist()
+    bad = [name for (name, _), ok in zip(params, finite) if not ok]
+    if accelerator.reduce(torch.tensor(len(bad), device=accelerator.device), reduction="sum").item():
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") or "another process's shard"
+        problem = f"the weights after step {run.completed_steps} hold NaN or infinity, in {names}"
+        raise stop_training(run, run.completed_steps, problem)
+
+
+def stop_training(run: TrainingRun, step: int, problem: str) -> SystemExit:
+    """Record why the run stopped (metrics.jsonl, trackers) and return the exit that says so and what to try."""
+    args = run.args
+    run.history.log({"step": step, "stopped": problem})
+    if args.with_tracking:
+        run.accelerator.end_training()
+    saved = checkpoint_dirs(args.output_dir)
+    kept = f"the checkpoints saved before are untouched, the newest {saved[-1]}" if saved else "no checkpoint was saved"
+    return SystemExit(
+        f"run_clip.py: {problem}. Training stopped: these weights are neither saved nor pushed ({kept}). Try a "
+        f"lower --learning_rate (this run: {args.learning_rate:g}), warmup (--num_warmup_steps), gradient clipping "
+        f"(--max_grad_norm, this run: {args.max_grad_norm:g}), bf16 rather than fp16 mixed precision; where only some "
+        "samples are non-finite, check those samples and the weights they reach."
+    )
+
+
+# ----- checkpoints that survive a crash -----------------------------------------------------------------------------
+
+
+def checkpoint_dirs(output_dir: str) -> list[Path]:
+    """Complete checkpoints, oldest first. A save in progress lives in a `.tmp` folder and is never listed."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict, total_limit: int | None = None) -> Path:
+    """Save the full training state atomically: write into a temporary folder, then rename it into place; then keep
+    at most `total_limit` checkpoints.
+
+    accelerate's own `total_limit` deletes old checkpoints *before* writing the new one; here the old ones are only
+    pruned once the new one is complete, so a crash during a save never loses the last good checkpoint. The state
+    lists every file with its size, so that a checkpoint damaged afterwards is recognised (`checkpoint_problem`).
+    """
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    final = root / f"{CHECKPOINT_PREFIX}{state['completed_steps']}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process's random state is in the folder before it is listed
+        if accelerator.is_main_process:
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / TRAINING_STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except SAVE_ERRORS as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(
+            f"could not save checkpoint {final.name} in {root}: {error}. The disk is probably full (or the folder not "
+            f"writable); the partial save was removed. {intact_checkpoint_note(output_dir, exclude=final)}"
+        ) from error
+    if accelerator.is_main_process:
+        prune_checkpoints(output_dir, total_limit, keep=final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def intact_checkpoint_note(output_dir: str, exclude: Path | None = None) -> str:
+    """Where a run whose save failed can continue from."""
+    intact = [p for p in checkpoint_dirs(output_dir) if p != exclude and checkpoint_problem(p) is None]
+    if not intact:
+        return "There is no checkpoint to resume from."
+    return (
+        f"The previous checkpoint {intact[-1]} is intact: free some space, then continue the run with "
+        "--resume_from_checkpoint latest."
+    )
+
+
+def prune_checkpoints(output_dir: str, limit: int | None, keep: Path) -> None:
+    """Delete the oldest checkpoints beyond `limit`, but never `keep`, the one just saved."""
+    if limit is None:
+        return
+    older = [p for p in checkpoint_dirs(output_dir) if p != keep]
+    for old in older[: max(0, len(older) + 1 - limit)]:
+        shutil.rmtree(old)
+
+
+def read_training_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / TRAINING_STATE_FILE).read_text())
+
+
+def checkpoint_problem(path: Path, settings: dict | None = None) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed, or None. Its training_state.json must parse and hold every
+    key; each file it lists must be there, with the size it was saved with (a safetensors header must parse); and,
+    given `settings`, it must be a checkpoint of a run with these settings."""
+    if not path.is_dir():
+        return "no such folder"
+    try:
+        state = read_training_state(path)
+    except FileNotFoundError:
+        return f"{TRAINING_STATE_FILE} is missing (not a checkpoint, or a damaged one)"
+    except (OSError, ValueError) as error:
+        return f"{TRAINING_STATE_FILE} is unreadable ({error})"
+    missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        return f"{TRAINING_STATE_FILE} lacks {', '.join(missing)} (written by another version of run_clip.py?)"
+    for name, size in state["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when it was saved (truncated or damaged)"
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except (OSError, SafetensorError) as error:
+                return f"{name} is unreadable ({error})"
+    if settings is not None and (changes := settings_changes(state["settings"], settings)):
+        return "it is a checkpoint of another run: " + "; ".join(changes)
+    return None
+
+
+def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | None, settings: dict) -> Path | None:
+    """The checkpoint to resume from (`--resume_from_checkpoint`), validated. `latest` is this run's newest complete
+    checkpoint in `output_dir`: a damaged newer one is skipped with a warning that names it. An explicit folder that
+    cannot be resumed is an error."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        for path in reversed(checkpoint_dirs(output_dir)):
+            problem = checkpoint_problem(path, settings)
+            if problem is None:
+                return path
+            logger.warning(f"skipping checkpoint {path}: {problem}")
+        logger.info(f"no complete checkpoint of this run in {output_dir}: training from the start")
+        return None
+    path = Path(resume_from_checkpoint)
+    problem = checkpoint_problem(path, settings)
+    if problem is not None:
+        raise SystemExit(f"--resume_from_checkpoint {path}: cannot resume: {problem}")
+    return path
+
+
+def check_resumable_data(checkpoint: Path, train_samples: int) -> None:
+    """The checkpoint's place in its epoch is a number of batches: it means the same samples only on the same data."""
+    state = read_training_state(checkpoint)
+    if state["train_samples"] != train_samples:
+        raise SystemExit(
+            f"cannot resume {checkpoint}: its run trained on {state['train_samples']} images of the training split, "
+            f"which now has {train_samples} usable images. The data changed, so the batches of its epoch would differ "
+            "from those already trained (samples trained twice or skipped). Train a new run in another --output_dir."
+        )
+
+
+# ----- one run per output folder ------------------------------------------------------------------------------------
+
+RUN_FILE = "training_run.json"
+# Arguments that may change when a run is resumed: they change how it is run, logged or published, not what it trains
+# or how it is evaluated. Every other argument, and the number of processes, is a setting of the run.
+RESUMABLE_CHANGES = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
+    "logging_steps", "eval_steps", "with_tracking", "report_to", "push_to_hub", "hub_model_id", "hub_token",
+    "hub_private_repo", "push_checkpoints", "dataloader_num_workers", "preprocessing_num_workers",
+    "disable_feature_cache", "gradient_checkpointing", "torch_compile", "torch_compile_backend",
+}  # fmt: skip
+_SKIPS_OR_REPEATS = "re-train or skip samples of that epoch"
+# What resuming under a changed setting would do (any other change: the run would no longer be the one it started as).
+CHANGE_EFFECTS = {
+    "per_device_train_batch_size": f"the checkpoint's place in its epoch counts batches of the old size: it would "
+    f"{_SKIPS_OR_REPEATS}",
+    "num_processes": f"the checkpoint's place in its epoch counts each process's batches: it would {_SKIPS_OR_REPEATS}",
+    "gradient_accumulation_steps": "an optimizer step would take another number of batches: the checkpoint's step "
+    "count and learning-rate schedule would no longer fit",
+    "seed": "the shuffled order of the epoch, the held-out split and the augmentations would change: samples of the "
+    "epoch would be trained twice or not at all",
+    "max_train_steps": "the learning-rate schedule is sized for the run's number of steps",
+    "num_train_epochs": "the learning-rate schedule is sized for the run's number of steps",
+}
+# What a run writes into its output folder: `--overwrite_output_dir` deletes these, and only these.
+RUN_ARTIFACTS = [
+    RUN_FILE, CHECKPOINTS_DIR, "runs", "metrics.jsonl", "eval_results.json", "README.md", "loss.png",
+    "retrieval_recall.png", "model*.safetensors", "model.safetensors.index.json",
+]  # fmt: skip
+
+
+def run_settings(args, num_processes: int) -> dict:
+    """What makes a run this run: every argument except `RESUMABLE_CHANGES`, as given, and the number of processes
+    (as JSON would hold them, so that recorded and current settings compare equal)."""
+    settings = {k: getattr(v, "value", v) for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
+    return {**json.loads(json.dumps(settings, default=str)), "num_processes": num_processes}
+
+
+def settings_changes(saved: dict, now: dict) -> list[str]:
+    """Each setting that differs, as `name: saved → now (what resuming would do)`."""
+    return [
+        f"{key}: {saved.get(key)} → {now.get(key)} "
+        f"({CHANGE_EFFECTS.get(key, 'the run would continue with other settings than it was trained with')})"
+        for key in sorted(saved.keys() | now.keys())
+        if saved.get(key) != now.get(key)
+    ]
+
+
+def prepare_output_dir(args, settings: dict, accelerator: Accelerator) -> None:
+    """Before anything is loaded: the output folder (`--output_dir`) must be new (or empty), this run's when resuming,
+    or cleared with --overwrite_output_dir, and writable. The run's settings are recorded there, to recognise it when
+    resuming."""
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        check_output_dir(args, settings)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if args.overwrite_output_dir:
+                delete_run_artifacts(out)
+            write_text_atomically(out / RUN_FILE, json.dumps({"settings": settings}, indent=2))
+        except OSError as error:
+            raise SystemExit(f"--output_dir {out} is not writable: {error}") from None
+    accelerator.wait_for_everyone()
+
+
+def check_output_dir(args, settings: dict) -> None:
+    """Refuse an output folder that holds something else than this run (or that `--overwrite_output_dir` would clear
+    of the very checkpoint to resume), naming what to do instead."""
+    out, resume = Path(args.output_dir), args.resume_from_checkpoint
+    if args.overwrite_output_dir and resume and (resume == "latest" or out.resolve() in Path(resume).resolve().parents):
+        raise SystemExit(
+            f"--overwrite_output_dir would delete the checkpoints that --resume_from_checkpoint {resume} resumes: "
+            "pass one or the other"
+        )
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries or args.overwrite_output_dir:
+        return
+    if not resume:
+        listing = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise SystemExit(
+            f"--output_dir {out} is not empty ({listing}): continue the run it holds with --resume_from_checkpoint "
+            "latest, choose another --output_dir, or pass --overwrite_output_dir to delete the previous run's "
+            "checkpoints, logs, metrics, weights and card and train afresh"
+        )
+    try:
+        recorded = json.loads((out / RUN_FILE).read_text())["settings"]
+    except (OSError, ValueError, TypeError, KeyError):
+        raise SystemExit(
+            f"--output_dir {out} is not empty and holds no run of run_clip.py (no readable {RUN_FILE}) to resume: "
+            "choose another --output_dir, or pass --overwrite_output_dir"
+        ) from None
+    changes = settings_changes(recorded, settings)
+    if changes:
+        raise SystemExit(
+            f"--output_dir {out} holds a run with other settings, which --resume_from_checkpoint {resume} cannot "
+            "continue as the same run: " + "; ".join(changes) + ". Resume it with its own settings, or train this run "
+            "in another --output_dir."
+        )
+
+
+def delete_run_artifacts(out: Path) -> None:
+    """What a previous run wrote, so that nothing of it mixes with the new run (files of other origin stay)."""
+    for pattern in RUN_ARTIFACTS:
+        for path in out.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a temporary file, then rename it into place: a process killed meanwhile leaves the old file whole."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----- the metrics history ------------------------------------------------------------------------------------------
+
+
+class MetricsHistory:
+    """`metrics.jsonl` in the output folder: one line per logged training step or evaluation (main process only),
+    also sent to accelerate's trackers when `tracking`. `records` counts its lines, so that a checkpoint can record
+    how far the history had got."""
+
+    def __init__(self, output_dir: str, accelerator: Accelerator, tracking: bool = False):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.accelerator = accelerator
+        self.tracking = tracking
+        self.records = 0
+
+    def keep_first(self, records: int) -> None:
+        """Start the history after `records` lines: on resume, forget what was logged after the checkpoint -- by a
+        killed run, perhaps ending in a half-written line, or the evaluation that ended a finished run: the resumed
+        run logs those steps again."""
+        if self.accelerator.is_main_process and not self.path.exists():
+            records = 0  # a fresh run, or resumed from another folder's checkpoint: this folder's history starts here
+        elif self.accelerator.is_main_process:
+            text = self.path.read_text()
+            lines = text.splitlines()
+            if text and not text.endswith("\n") and len(lines) > records:
+                logger.warning(f"{self.path} ends in a half-written line (the run was killed writing it): dropped")
+            if len(lines) < records:
+                logger.warning(f"{self.path} has {len(lines)} records, fewer than the {records} of the checkpoint")
+            write_text_atomically(self.path, "".join(line + "\n" for line in lines[:records]))
+            records = min(records, len(lines))
+        self.records = records
+
+    def log(self, record: dict) -> None:
+        if self.tracking:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.records += 1
+
+
+def plot_history(output_dir: str) -> list[Path]:
+    """PNG plots of the training loss and of the retrieval recalls, drawn from `metrics.jsonl`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    paths = [Path(output_dir) / "loss.png", Path(output_dir) / "retrieval_recall.png"]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set(xlabel="optimizer step", ylabel="contrastive loss", title="NdCLIP training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for direction, style in (("image_to_text", "-"), ("text_to_image", "--")):
+        for k in (1, 5, 10):
+            key = f"{direction}_recall@{k}"
+            ax.plot([r["step"] for r in evals], [r[key] for r in evals], style, marker="o", label=key)
+    ax.set(xlabel="optimizer step", ylabel="recall", ylim=(0, 1), title="Retrieval recall on the evaluation split")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths
