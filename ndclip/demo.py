@@ -15,6 +15,7 @@ and with it zero-shot classification, within the time budget; centred, it did fo
 import io
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -251,6 +252,23 @@ def demo_model_and_processor(
     return NdClipModel(config), processor
 
 
+def write_demo_examples(folder: str | Path, count: int = 6, seed: int = 0) -> tuple[list[Path], Path]:
+    """The inputs of the README's `ndclip predict` / `ndclip search` examples: the first `count` held-out images of
+    the demo trained with `seed` as `folder/demo_images/val_N.png`, and their captions, one per line without repeats,
+    as `folder/captions.txt`. Returns the image paths and the captions file."""
+    validation = make_demo_dataset(seed=seed)["validation"].select(range(count))
+    image_dir = Path(folder) / "demo_images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, captions = [], []
+    for n, row in enumerate(validation):
+        images.append(image_dir / f"val_{n}.png")
+        row["image"].save(images[-1])
+        captions += row["captions"]
+    captions_file = Path(folder) / "captions.txt"
+    captions_file.write_text("".join(caption + "\n" for caption in dict.fromkeys(captions)))
+    return images, captions_file
+
+
 __all__ = [
     "DEMO_CLASS_NAMES",
     "DEMO_ZERO_SHOT_TEMPLATE",
@@ -260,4 +278,5 @@ __all__ = [
     "demo_model_and_processor",
     "demo_captions",
     "draw_shape_image",
+    "write_demo_examples",
 ]

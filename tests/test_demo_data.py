@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, DatasetDict, Image, List, Value
+from PIL import Image as PILImage
 
 from modeling_ndclip import NdClipModel
 from ndclip.data import without_image_decoding
@@ -17,6 +18,7 @@ from ndclip.demo import (
     demo_model_and_processor,
     draw_shape_image,
     make_demo_dataset,
+    write_demo_examples,
 )
 from ndclip.tiny_towers import train_wordpiece_tokenizer
 from processing_ndclip import NdClipProcessor
@@ -163,3 +165,15 @@ def test_same_data_same_tokenizer_whatever_the_caption_order(small_demo):
     assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
     assert again.get_vocab() == shuffled.get_vocab()
     assert first.tokenizer.tokenize("a big red circle") == ["a", "big", "red", "circle"]
+
+
+def test_readme_examples_are_the_first_held_out_images_and_their_captions(tmp_path):
+    images, captions_file = write_demo_examples(tmp_path, count=3)
+    validation = make_demo_dataset(seed=0)["validation"]
+    assert [path.name for path in images] == ["val_0.png", "val_1.png", "val_2.png"]
+    for path, row in zip(images, validation):
+        with PILImage.open(path) as image:
+            assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(row["image"].convert("RGB")))
+    lines = captions_file.read_text().splitlines()
+    expected = [caption for row in validation.select(range(3)) for caption in row["captions"]]
+    assert lines == list(dict.fromkeys(expected)) and len(lines) > 3
