@@ -539,7 +539,6 @@ def cache_split_features(model, split, collator, eval_collator, accelerator, arg
     """(data, collator, caption features) that feed `split` with frozen towers' features computed once."""
     batch_size = args.per_device_eval_batch_size
     image_features = caption_features = offsets = None
-    model.eval()
     if args.freeze_vision_model:
         loader = accelerator.prepare(make_loader(split, batch_size, eval_collator, args))
         image_features = compute_image_features(model, loader, accelerator, len(split))
