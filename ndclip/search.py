@@ -390,9 +390,10 @@ def format_results(results: Sequence[dict], width: int = 60) -> str:
     lines = ["rank  score   match", "----  ------  " + "-" * width]
     for r in results:
         match = r.get("caption") or r.get("path") or f"row {r['row']}"
-        lines.append(
-            f"{r['rank']:>4}  {r['score']:.4f}  {match if len(match) <= width else match[: width - 3] + '...'}"
-        )
+        if len(match) > width:
+            # A caption reads from its start; a path is told apart by its end (the file name).
+            match = match[: width - 3] + "..." if r.get("caption") else "..." + match[3 - width :]
+        lines.append(f"{r['rank']:>4}  {r['score']:.4f}  {match}")
     return "\n".join(lines)
 
 
