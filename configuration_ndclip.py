@@ -7,6 +7,22 @@ from transformers.configuration_utils import SubConfigSpec
 
 PROJECTION_TYPES = ("ndlinear", "linear")
 POOLING_TYPES = ("cls", "mean")
+CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
+# The initial log temperature each loss starts from when `logit_scale_init_value` is not given: CLIP's 1 / 0.07 for
+# the softmax loss, SigLIP's 10 for the sigmoid loss (with its bias at -10: the many negative pairs start near their
+# target, so the first steps are not spent pushing them all down).
+LOGIT_SCALE_INIT = {"softmax": math.log(1 / 0.07), "sigmoid": math.log(10.0)}
+# Written into a sigmoid model's config.json: `pipeline("zero-shot-image-classification", model=folder_or_repo,
+# trust_remote_code=True)` then runs this pipeline (modeling_ndclip.py), whose scores are the model's own
+# probabilities (sigmoid). transformers' stock pipeline applies a sigmoid only to SigLIP's model types, a softmax to
+# everything else, which is right for a softmax model: its config.json stays as it was.
+SIGMOID_CUSTOM_PIPELINES = {
+    "zero-shot-image-classification": {
+        "impl": "modeling_ndclip.NdClipZeroShotImageClassificationPipeline",
+        "pt": ["AutoModelForZeroShotImageClassification"],
+        "type": "multimodal",
+    }
+}
 # Written into every config.json, so that the Hub (and any folder) resolves the Auto classes to these files.
 AUTO_MAP = {
     "AutoConfig": "configuration_ndclip.NdClipConfig",
@@ -81,8 +97,19 @@ class NdClipConfig(PreTrainedConfig):
         text_pooling (`str`, *optional*, defaults to `"mean"`):
             `"cls"` or `"mean"` (mean over real tokens, using the attention mask). DistilBERT has no pooler and its
             `[CLS]` was never trained as a sentence summary (no next-sentence objective), hence mean pooling.
-        logit_scale_init_value (`float`, *optional*, defaults to ln(1/0.07) = 2.6592):
-            Initial value of the learned log temperature `logit_scale`, as in CLIP.
+        contrastive_loss (`str`, *optional*, defaults to `"softmax"`):
+            The loss the model is trained with, and so how its logits read as probabilities. `"softmax"`: CLIP's
+            symmetric cross-entropy; the logits are `exp(logit_scale) * cos` and a softmax over the labels gives
+            probabilities that sum to one. `"sigmoid"`: SigLIP's pairwise sigmoid loss; the model has a learned scalar
+            `logit_bias`, its logits are `exp(logit_scale) * cos + logit_bias`, and `sigmoid(logit)` is the probability
+            that a text matches an image, independently for each pair (they need not sum to one).
+            `NdClipModel.logits_to_probabilities` applies the right one.
+        logit_bias_init_value (`float`, *optional*, defaults to -10.0):
+            Initial value of `logit_bias` (sigmoid models only), as in the SigLIP paper.
+        logit_scale_init_value (`float`, *optional*):
+            Initial value of the learned log temperature `logit_scale`. Defaults to the loss's own: ln(1/0.07) = 2.6592
+            for `"softmax"`, as in CLIP; ln(10) = 2.3026 for `"sigmoid"`, as in SigLIP. `config.json` stores the value
+            used.
         logit_scale_max_value (`float`, *optional*, defaults to ln(100) = 4.6052):
             `logit_scale` is clamped to this value when used, so logits never exceed 100 x cosine similarity.
         initializer_factor (`float`, *optional*, defaults to 1.0):
@@ -115,7 +142,9 @@ class NdClipConfig(PreTrainedConfig):
     projection_grid: list[int] | None = None
     vision_pooling: str = "cls"
     text_pooling: str = "mean"
-    logit_scale_init_value: float = math.log(1 / 0.07)
+    contrastive_loss: str = "softmax"
+    logit_bias_init_value: float = -10.0
+    logit_scale_init_value: float | None = None
     logit_scale_max_value: float = math.log(100.0)
     initializer_factor: float = 1.0
 
@@ -125,12 +154,18 @@ class NdClipConfig(PreTrainedConfig):
         self.check_head_fields()
 
     def check_head_fields(self) -> None:
-        """Check the head and pooling choices, fill in the default grids and check that they fit `projection_dim`
-        and the tower widths.
+        """Check the loss, head and pooling choices, fill in what follows from the loss (its initial temperature, the
+        pipeline of a sigmoid model) and the default grids, and check that the grids fit `projection_dim` and the
+        tower widths.
 
         The model calls this again before it builds its heads: `from_pretrained(..., projection_dim=...)` sets fields
         after the config is built, and a grid stored for the old size must not silently keep the old head.
         """
+        self._check_choice("contrastive_loss", self.contrastive_loss, CONTRASTIVE_LOSSES)
+        if self.logit_scale_init_value is None:
+            self.logit_scale_init_value = LOGIT_SCALE_INIT[self.contrastive_loss]
+        if self.contrastive_loss == "sigmoid":
+            self.custom_pipelines = {**SIGMOID_CUSTOM_PIPELINES, **(getattr(self, "custom_pipelines", None) or {})}
         self._check_choice("projection_type", self.projection_type, PROJECTION_TYPES)
         self._check_choice("vision_pooling", self.vision_pooling, POOLING_TYPES)
         self._check_choice("text_pooling", self.text_pooling, POOLING_TYPES)

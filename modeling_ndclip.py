@@ -12,15 +12,15 @@ from typing import Any
 import torch
 from ndlinear import NdLinear
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel, ZeroShotImageClassificationPipeline
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 try:  # loaded from the Hub, the model files are one package
-    from .configuration_ndclip import NdClipConfig, tower_width
+    from .configuration_ndclip import CONTRASTIVE_LOSSES, NdClipConfig, tower_width
 except ImportError:  # imported as top-level modules in this repository
-    from configuration_ndclip import NdClipConfig, tower_width
+    from configuration_ndclip import CONTRASTIVE_LOSSES, NdClipConfig, tower_width
 
 logger = logging.get_logger(__name__)
 
@@ -30,9 +30,56 @@ def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
+def caption_image_index(num_texts: int, num_images: int, device=None) -> torch.Tensor:
+    """The image each text belongs to in a batch of `captions_per_image` captions per image, image-major (the
+    captions of image 0 first): text j is a caption of image `j // captions_per_image`."""
+    if num_images < 1 or num_texts % num_images:
+        raise ValueError(
+            f"a batch of {num_texts} texts and {num_images} images: the loss needs the same number of captions "
+            "(1 or more) for every image, image-major (the captions of image 0 first)"
+        )
+    return torch.arange(num_texts, device=device) // (num_texts // num_images)
+
+
 def ndclip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
-    """Symmetric CLIP loss: the mean of the text->image and image->text cross-entropies."""
-    return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_text.t())) / 2.0
+    """Symmetric CLIP loss: the mean of the text->image and image->text cross-entropies.
+
+    `logits_per_text` is `[texts, images]`; with several captions per image (texts = N x images, image-major), text
+    -> image stays one-positive (the caption's own image), and image -> text is a cross-entropy against a target
+    spread uniformly over the image's N captions. Every caption of an image is a positive, none is a negative of its
+    own image: the image is asked to rank all of them above every other image's captions and alike among themselves
+    (the floor of the loss is the target's entropy, ln N, at equal probabilities; a caption scored above its siblings
+    is pulled back towards them, one below is pulled up). With one caption per image it is exactly CLIP's loss."""
+    num_texts, num_images = logits_per_text.shape
+    owner = caption_image_index(num_texts, num_images, logits_per_text.device)
+    text_to_image = nn.functional.cross_entropy(logits_per_text, owner)
+    if num_texts == num_images:
+        return (text_to_image + contrastive_loss(logits_per_text.t())) / 2.0
+    positives = owner[None, :] == torch.arange(num_images, device=owner.device)[:, None]
+    target = positives.to(logits_per_text.dtype) / (num_texts // num_images)
+    image_to_text = nn.functional.cross_entropy(logits_per_text.t(), target)
+    return (text_to_image + image_to_text) / 2.0
+
+
+def sigmoid_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss: every (image, text) pair is a binary decision, positive when the text is a
+    caption of the image (with several captions per image, each of them), negative otherwise; the logits already hold
+    the learned bias. As in the SigLIP paper (and open_clip's `SigLipLoss`), the sum over all pairs divided by the
+    number of images."""
+    num_texts, num_images = logits_per_text.shape
+    owner = caption_image_index(num_texts, num_images, logits_per_text.device)
+    signs = 2.0 * (owner[:, None] == torch.arange(num_images, device=owner.device)[None, :]).to(logits_per_text) - 1
+    return -nn.functional.logsigmoid(signs * logits_per_text).sum() / num_images
+
+
+def pair_loss(logits_per_text: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
+    """The loss `kind` (`config.contrastive_loss`) of a batch's `[texts, images]` logits (the bias included for
+    `"sigmoid"`), captions image-major."""
+    if kind == "sigmoid":
+        return sigmoid_loss(logits_per_text)
+    if kind == "softmax":
+        return ndclip_loss(logits_per_text)
+    raise ValueError(f"unknown contrastive loss {kind!r}: choose one of {', '.join(map(repr, CONTRASTIVE_LOSSES))}")
 
 
 def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
@@ -101,9 +148,10 @@ class NdClipOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `(1,)`, returned when `return_loss=True`):
-            Symmetric contrastive loss over the batch (see `ndclip_loss`).
+            The contrastive loss of `config.contrastive_loss` over the batch (see `pair_loss`).
         logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
-            Scaled cosine similarities of each image with each text (`logit_scale.exp() * cos`).
+            Scaled cosine similarities of each image with each text (`logit_scale.exp() * cos`, plus `logit_bias` for
+            a sigmoid model): `model.logits_to_probabilities` turns them into probabilities.
         logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
             The transpose of `logits_per_image`.
         text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`):
@@ -118,6 +166,8 @@ class NdClipOutput(ModelOutput):
             The text tower's output; its `pooler_output` is the pooled, unprojected vector.
         vision_model_output (`BaseModelOutputWithPooling`):
             The vision tower's output; its `pooler_output` is the pooled, unprojected vector.
+        logit_bias (`torch.FloatTensor` scalar, sigmoid models only):
+            The bias added to the logits, returned for the same reason as `logit_scale`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -128,6 +178,7 @@ class NdClipOutput(ModelOutput):
     logit_scale: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
+    logit_bias: torch.FloatTensor | None = None  # last, so that a softmax model's tuple output keeps its positions
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
@@ -156,12 +207,15 @@ class NdClipPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, NdClipModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            if module.logit_bias is not None:
+                init.constant_(module.logit_bias, self.config.logit_bias_init_value)
 
 
 class NdClipModel(NdClipPreTrainedModel):
     """
     NdCLIP: a vision tower and a text tower (any `AutoModel` with a `last_hidden_state`), each pooled and projected
-    by an NdLinear head into a shared, L2-normalised embedding space, trained with the symmetric CLIP loss.
+    by an NdLinear head into a shared, L2-normalised embedding space, trained with CLIP's softmax loss or SigLIP's
+    sigmoid loss (`config.contrastive_loss`).
 
     Use `get_image_features` / `get_text_features` for embeddings, `forward` for similarity logits (and the loss
     with `return_loss=True`), and `from_vision_text_pretrained` to start from pretrained towers.
@@ -198,6 +252,9 @@ class NdClipModel(NdClipPreTrainedModel):
             config.projection_grid,
         )
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        # SigLIP's learned bias: a sigmoid model's only extra weight (a softmax model's checkpoints stay as they were).
+        bias = config.contrastive_loss == "sigmoid"
+        self.logit_bias = nn.Parameter(torch.tensor(config.logit_bias_init_value)) if bias else None
         # Which optional inputs the text tower takes (BERT takes token_type_ids, DistilBERT does not).
         self._text_tower_args = set(inspect.signature(self.text_model.forward).parameters)
         self.post_init()
@@ -293,6 +350,14 @@ class NdClipModel(NdClipPreTrainedModel):
         """`exp(logit_scale)` with `logit_scale` clamped at `config.logit_scale_max_value` (ln 100)."""
         return self.logit_scale.clamp(max=self.config.logit_scale_max_value).exp()
 
+    def logits_to_probabilities(self, logits_per_image: torch.Tensor) -> torch.Tensor:
+        """Probabilities from `logits_per_image` (dim -1 = the texts or labels): a softmax over the labels for a
+        softmax model (they sum to one), an independent sigmoid per (image, text) pair for a sigmoid model (each is
+        the probability that the text matches the image)."""
+        if self.config.contrastive_loss == "sigmoid":
+            return torch.sigmoid(logits_per_image)
+        return logits_per_image.softmax(dim=-1)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -315,8 +380,8 @@ class NdClipModel(NdClipPreTrainedModel):
             input_ids, attention_mask (`torch.LongTensor` of shape `(text_batch, seq_len)`): tokenised texts.
             pixel_values (`torch.FloatTensor` of shape `(image_batch, channels, height, width)`): images as
                 produced by the image processor.
-            return_loss (`bool`): also return the symmetric contrastive loss (needs equal image and text batches,
-                pair i being image i with text i).
+            return_loss (`bool`): also return the contrastive loss of `config.contrastive_loss` (needs N texts per
+                image, image-major: texts N*i ... N*i+N-1 are the captions of image i; N = 1 pairs image i with text i).
             token_type_ids, position_ids: passed to the text tower when it takes them (ignored by DistilBERT).
             output_attentions, output_hidden_states: passed to both towers.
             image_tower_features, text_tower_features (`torch.FloatTensor` of shape `(batch, tower_width)`): pooled
@@ -351,18 +416,17 @@ class NdClipModel(NdClipPreTrainedModel):
 
         logits_per_text = logits_per_image = loss = None
         logit_scale = self.clamped_logit_scale()
+        # A tensor computed here, as `logit_scale` is: under FSDP the parameter is only materialised inside forward.
+        logit_bias = self.logit_bias.clone() if self.logit_bias is not None else None
         if image_embeds is not None and text_embeds is not None:
             logits_per_text = logit_scale * text_embeds @ image_embeds.t()
+            if logit_bias is not None:
+                logits_per_text = logits_per_text + logit_bias
             logits_per_image = logits_per_text.t()
         if return_loss:
             if logits_per_text is None:
                 raise ValueError("`return_loss=True` needs both texts (`input_ids`) and images (`pixel_values`)")
-            if logits_per_text.shape[0] != logits_per_text.shape[1]:
-                raise ValueError(
-                    f"`return_loss=True` needs one text per image, got {logits_per_text.shape[0]} texts and "
-                    f"{logits_per_text.shape[1]} images"
-                )
-            loss = ndclip_loss(logits_per_text)
+            loss = pair_loss(logits_per_text, self.config.contrastive_loss)
 
         output = NdClipOutput(
             loss=loss,
@@ -373,6 +437,7 @@ class NdClipModel(NdClipPreTrainedModel):
             logit_scale=logit_scale,
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
+            logit_bias=logit_bias,
         )
         return self._as_dict_or_tuple(output, return_dict)
 
@@ -423,6 +488,21 @@ class NdClipModel(NdClipPreTrainedModel):
         return counts
 
 
+class NdClipZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
+    """transformers' zero-shot image classification pipeline, with the model's own probabilities
+    (`NdClipModel.logits_to_probabilities`): a sigmoid per label for a model trained with the sigmoid loss, which the
+    stock pipeline gives only to SigLIP's model types. A sigmoid model's config.json names it in `custom_pipelines`,
+    so that `pipeline("zero-shot-image-classification", model=..., trust_remote_code=True)` runs it."""
+
+    def postprocess(self, model_outputs):
+        if getattr(self.model.config, "contrastive_loss", "softmax") != "sigmoid":
+            return super().postprocess(model_outputs)
+        candidate_labels = model_outputs.pop("candidate_labels")
+        scores = self.model.logits_to_probabilities(model_outputs["logits"][0]).reshape(-1).tolist()
+        ranked = sorted(zip(scores, candidate_labels), key=lambda pair: -pair[0])
+        return [{"score": score, "label": label} for score, label in ranked]
+
+
 def _tower_kwargs(kwargs: dict) -> dict:
     """The keyword arguments of `get_*_features` that the towers understand."""
     return {k: kwargs[k] for k in ("output_attentions", "output_hidden_states") if kwargs.get(k) is not None}
@@ -431,4 +511,7 @@ def _tower_kwargs(kwargs: dict) -> dict:
 NdClipModel.register_for_auto_class("AutoModel")  # save_pretrained copies this file (and the config's)
 AutoModel.register(NdClipConfig, NdClipModel, exist_ok=True)  # `AutoModel` without remote code where imported
 
-__all__ = ["NdClipModel", "NdClipPreTrainedModel", "NdClipOutput", "ndclip_loss", "contrastive_loss"]
+__all__ = [
+    "NdClipModel", "NdClipPreTrainedModel", "NdClipOutput", "ndclip_loss", "contrastive_loss", "sigmoid_loss",
+    "pair_loss", "caption_image_index", "NdClipZeroShotImageClassificationPipeline",
+]  # fmt: skip

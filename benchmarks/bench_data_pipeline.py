@@ -5,8 +5,8 @@ The data are Flickr8k-like (`flickr8k_like.py`): `--images` JPEG photos (default
 375x500 as Flickr8k's portrait photos, about 75 KB each) in a Kaggle-layout folder (`Images/` + `captions.txt`, five
 captions per image). They are read through the real path: `ndclip.data.load_image_caption_dataset(data_dir=...)`,
 then `run_clip.make_loader` (the training DataLoader: shuffled, full batches) over the train split (images left
-encoded, `without_image_decoding`, as run_clip.py reads them, so that a JPEG is decoded at reduced size for the tiny
-model) with `CaptionCollator(tokenizer, 64, seed=0, image_transform=train_image_transform(image_processor))`, the
+encoded, `without_image_decoding`, as run_clip.py reads them: the collator decodes them) with
+`CaptionCollator(tokenizer, 64, seed=0, image_transform=train_image_transform(image_processor))`, the
 tokenizer a WordPiece one trained on the captions (`ndclip.tiny_towers.train_wordpiece_tokenizer`, 2000 words).
 
 Sizes (`workloads.py`): `real` is ViT-B/16 at 224 + DistilBERT-base fed by `ViTImageProcessor()` (224); `tiny` is
@@ -29,9 +29,9 @@ How it measures, all candidates interleaved in the same rounds (after `--warmup`
   (compare with `bench_end_to_end.py`, which measures it).
 - `workers0_torch_threads1` (diagnostic, when torch uses more than one thread): 0 workers with this process's torch
   intra-op threads set to 1 during the epoch. Worker processes always run with 1 thread (the DataLoader sets it);
-  the training process runs the per-image transforms (`ToImage`, crop, `ToDtype`, `Normalize` on ~150k-element
-  tensors) with all of torch's threads, and every such small op then pays a fork/join, which is slow when another
-  process holds the other core (the CPU is shared).
+  the training process runs the per-image transforms (crop and resize of one image's uint8 pixels) and the batch's
+  normalisation with all of torch's threads unless the collator limits them (`ndclip.transforms.one_torch_thread`),
+  and every such small op then pays a fork/join, which is slow when another process holds the other core.
 
 Caveat: each candidate runs alone. In training, worker processes share the CPU cores with the model's threads, so on
 a 2-core CPU a worker's images are not free: `bench_end_to_end.py` measures the combination.
@@ -44,7 +44,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers or datasets 
 
 import torch
 from common import (
+    LoaderEpoch,
     add_common_args,
     comma_list,
     emit,
@@ -92,39 +92,18 @@ def parse_args(argv=None):
 # ----- one epoch of data ----------------------------------------------------------------------------------------
 
 
-class DataEpoch:
-    """A callable that pulls one epoch of batches from a training DataLoader, as `run_clip.py` does, and keeps the
-    time to the first batch and the time of the rest (for the steady rate)."""
+class DataEpoch(LoaderEpoch):
+    """One epoch of `run_clip.make_loader`'s training DataLoader over `split`, collated by `CaptionCollator` with the
+    training transform (see `common.LoaderEpoch`)."""
 
     def __init__(self, split, tokenizer, image_processor, batch_size: int, workers: int, seed: int,
                  threads: int | None = None):
-        self.collator = CaptionCollator(
+        collator = CaptionCollator(
             tokenizer, MAX_SEQ_LENGTH, seed=seed, image_transform=train_image_transform(image_processor)
         )
         loader_args = SimpleNamespace(dataloader_num_workers=workers, dataloader_pin_memory=False, seed=seed)
-        self.loader = make_loader(split, batch_size, self.collator, loader_args, train=True)
+        super().__init__(make_loader(split, batch_size, collator, loader_args, train=True), collator, threads)
         self.batch_size = batch_size
-        self.threads = threads  # torch intra-op threads of this process during the epoch (None: unchanged)
-        self.epoch = 0
-        self.first_batch_s, self.rest_s, self.batches = [], [], len(self.loader)
-
-    def __call__(self) -> None:
-        self.collator.set_epoch(self.epoch)
-        self.epoch += 1
-        threads = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            start = time.perf_counter()
-            batches = iter(self.loader)
-            next(batches)
-            first = time.perf_counter()
-            for _ in batches:
-                pass
-            self.first_batch_s.append(first - start)
-            self.rest_s.append(time.perf_counter() - first)
-        finally:
-            torch.set_num_threads(threads)
 
     def steady_images_per_s(self, rounds: int) -> float:
         """Images per second after the first batch, over the last `rounds` (timed) epochs."""

@@ -174,6 +174,36 @@ def summarize(seconds: list[float]) -> dict:
     }
 
 
+class LoaderEpoch:
+    """A callable that pulls one epoch of batches from a training DataLoader, as `run_clip.py` does: the collator's
+    `set_epoch`, a fresh iterator (with workers, the worker processes start anew, as without `persistent_workers`),
+    every batch pulled and dropped. It keeps the time to the first batch and the time of the rest (the steady rate
+    of a long epoch). `threads`: torch intra-op threads of this process during the epoch (None: unchanged)."""
+
+    def __init__(self, loader, collator, threads: int | None = None):
+        self.loader, self.collator, self.threads = loader, collator, threads
+        self.epoch = 0
+        self.first_batch_s, self.rest_s, self.batches = [], [], len(loader)
+
+    def __call__(self) -> None:
+        self.collator.set_epoch(self.epoch)
+        self.epoch += 1
+        threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            start = time.perf_counter()
+            batches = iter(self.loader)
+            next(batches)
+            first = time.perf_counter()
+            for _ in batches:
+                pass
+            self.first_batch_s.append(first - start)
+            self.rest_s.append(time.perf_counter() - first)
+        finally:
+            torch.set_num_threads(threads)
+
+
 def measure_matmul_flops(device: str, dtype: str, rounds: int = 5) -> float:
     """FLOP/s of a square matmul in `dtype`: the machine's practical peak, right now, as the yardstick for
     `fraction_of_matmul_peak` (honest throughput accounting, as nanoGPT's `estimate_mfu`)."""

@@ -4,6 +4,9 @@
     ndclip search index --model outputs/ndclip --images photos/ --output_dir photos_index/
     ndclip search query --index photos_index/ --text "a dog runs on the beach" --top_k 5
     ndclip card outputs/ndclip --dataset_name jxie/flickr8k --repo_id user/ndclip-flickr8k
+    ndclip shards --data_dir ~/data/Flickr8k --output_dir shards/flickr8k --samples_per_shard 1000
+    ndclip endpoint serve outputs/ndclip --port 8080
+    ndclip space --model outputs/ndclip --images photos/ --output_dir my_space/ --push --space_id user/ndclip-demo
 
 Each tool's module declares its options (`add_*_arguments`) and runs with the parsed options (`run_*`); this module
 only assembles them, as `huggingface-cli` and `accelerate` assemble theirs. Training is not a subcommand: it is
@@ -15,8 +18,9 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from ndclip import hub, predict, search
+from ndclip import endpoint, hub, predict, search, shards
 from ndclip.inference import BadInputError
+from ndclip.space import builder as space
 
 
 def summary(docstring: str) -> str:
@@ -80,6 +84,41 @@ def build_parser() -> argparse.ArgumentParser:
         "write the model card (README.md) of a saved model folder",
         hub.add_card_arguments,
         hub.run_card,
+    )
+    add_command(
+        commands,
+        "space",
+        "write a Gradio Space (zero-shot labels, caption search) for a model, and push it",
+        space.add_space_arguments,
+        space.run_space,
+        description=summary(space.__doc__),
+    )
+    endpoint_commands = commands.add_parser(
+        "endpoint",
+        help="deploy as an Inference Endpoint: add the handler to a saved model, serve it locally",
+        description=summary(endpoint.__doc__),
+    ).add_subparsers(dest="endpoint_command", required=True, metavar="<command>")
+    add_command(
+        endpoint_commands,
+        "add",
+        "write handler.py and requirements.txt into a saved model folder",
+        endpoint.add_add_arguments,
+        endpoint.run_add,
+    )
+    add_command(
+        endpoint_commands,
+        "serve",
+        "serve a model folder's handler.py over HTTP, as an Endpoint does",
+        endpoint.add_serve_arguments,
+        endpoint.run_serve,
+    )
+    add_command(
+        commands,
+        "shards",
+        "write a dataset as webdataset (or parquet) shards for streaming training",
+        shards.add_shards_arguments,
+        shards.run_shards,
+        description=summary(shards.__doc__),
     )
     return parser
 

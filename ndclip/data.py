@@ -62,6 +62,7 @@ NOT_AN_IMAGE = "not_an_image"
 CORRUPT_IMAGE = "corrupt_image"
 NO_CAPTION = "no_caption"
 OUTSIDE_DATA_FOLDER = "outside_data_folder"
+UNUSABLE_REASONS = (MISSING_FILE, NOT_AN_IMAGE, CORRUPT_IMAGE, NO_CAPTION, OUTSIDE_DATA_FOLDER)
 
 # The original Flickr8k release; its image folder is spelled "Flicker8k_Dataset" in the official zip.
 FLICKR8K_IMAGE_DIRS = ("Flickr8k_Dataset", "Flicker8k_Dataset")
@@ -250,8 +251,8 @@ def _normalise_splits(raw: DatasetDict, image_column, caption_column, base_dir, 
 def _normalise_split(dataset: Dataset, image_column, caption_column, base_dir, source, cache_dir, num_proc) -> Dataset:
     """One split in the normalised schema. Image columns stay Image columns (one row per image); path columns are
     resolved against `base_dir` and their rows grouped by image file."""
-    image_column = _find_image_column(dataset.features, image_column, source)
-    caption_columns = _find_caption_columns(dataset.features, caption_column, image_column, source)
+    image_column = find_image_column(dataset.features, image_column, source)
+    caption_columns = find_caption_columns(dataset.features, caption_column, image_column, source)
     keep_label = isinstance(dataset.features.get("label"), ClassLabel) and image_column != "label"
     if _is_string(dataset.features[image_column]):
         return _group_rows_by_image_path(dataset, image_column, caption_columns, keep_label, base_dir, cache_dir)
@@ -264,7 +265,9 @@ def _normalise_split(dataset: Dataset, image_column, caption_column, base_dir, s
     return concatenate_datasets([images, captions], axis=1).cast_column("image", Image())
 
 
-def _find_image_column(features: Features, image_column, source) -> str:
+def find_image_column(features: Features, image_column, source) -> str:
+    """The column holding the images: `image_column`, else `image`, else the first Image column, else a column of
+    file paths; `source` names the data in errors."""
     if image_column is not None:
         if image_column not in features:
             raise ValueError(f"{source}: no image column '{image_column}'; columns are {list(features)}")
@@ -290,7 +293,7 @@ def _checked_image_column(features: Features, name, source) -> str:
     return name
 
 
-def _find_caption_columns(features: Features, caption_column, image_column, source) -> list[str]:
+def find_caption_columns(features: Features, caption_column, image_column, source) -> list[str]:
     """The column(s) holding captions: numbered string columns (caption_0..N), a list column, or a string column."""
     if caption_column is not None:
         if caption_column in features:
@@ -368,10 +371,11 @@ def _type_name(feature) -> str:
 
 def _gather_captions(*caption_columns) -> dict:
     """Batched: one list of captions per row, from one or several columns of strings or lists of strings."""
-    return {"captions": [_captions_of_row(values) for values in zip(*caption_columns)]}
+    return {"captions": [captions_of_row(values) for values in zip(*caption_columns)]}
 
 
-def _captions_of_row(values) -> list[str]:
+def captions_of_row(values) -> list[str]:
+    """The captions of one row, from the values of its caption columns: strings, lists of strings, or None."""
     captions = []
     for value in values:
         if isinstance(value, str):
@@ -388,7 +392,7 @@ def _group_rows_by_image_path(dataset, image_column, caption_columns, keep_label
     for row, path in enumerate(columns[image_column]):
         if path and base_dir and not os.path.isabs(path):
             path = os.path.join(base_dir, path)
-        groups[path].extend(_captions_of_row(columns[name][row] for name in caption_columns))
+        groups[path].extend(captions_of_row(columns[name][row] for name in caption_columns))
         if keep_label:
             labels.setdefault(path, columns["label"][row])
     table = {"image": list(groups), "captions": list(groups.values())}
@@ -644,13 +648,20 @@ def drop_unusable_samples(
 
 def _check_samples(images, captions, data_folder=None) -> dict:
     """Batched: the captions without empty strings, and why each row is unusable ("" when it is usable)."""
-    cleaned = [[text.strip() for text in texts or [] if text and text.strip()] for texts in captions]
-    reasons = [_image_problem(image, data_folder) if texts else NO_CAPTION for image, texts in zip(images, cleaned)]
+    cleaned = [clean_captions(texts) for texts in captions]
+    reasons = [image_problem(image, data_folder) if texts else NO_CAPTION for image, texts in zip(images, cleaned)]
     return {"captions": cleaned, "unusable_reason": reasons}
 
 
-def _image_problem(image, data_folder=None) -> str:
-    """Why an undecoded image ({"bytes", "path"}) cannot be used, or "" if it decodes."""
+def clean_captions(texts) -> list[str]:
+    """The non-empty captions of a row, stripped; an image left with none is dropped as "no_caption"."""
+    return [text.strip() for text in texts or [] if text and text.strip()]
+
+
+def image_problem(image, data_folder=None) -> str:
+    """Why an undecoded image ({"bytes", "path"}) cannot be used ("missing_file", "outside_data_folder",
+    "not_an_image", "corrupt_image"), or "" if it decodes. The one check of the map-style path
+    (`drop_unusable_samples`) and of the streams of `ndclip.streaming`."""
     if image is None or (image["bytes"] is None and not image["path"]):
         return MISSING_FILE
     if image["bytes"] is None and data_folder is not None and not _is_inside(image["path"], data_folder):
@@ -726,8 +737,8 @@ def _number_images(dataset: Dataset) -> Dataset:
 
 def without_image_decoding(dataset: Dataset) -> Dataset:
     """The dataset with its `image` column left encoded ({"bytes", "path"}) when a row is read. The image transforms
-    decode such rows themselves (`ndclip.transforms.DecodeImage`): the training transform then decodes a JPEG at
-    reduced size when the model's input is much smaller than the photo. The bad-sample check reads images this way
+    decode such rows themselves (`ndclip.transforms.DecodeImage`): a JPEG goes straight into a uint8 tensor, with no
+    PIL image in between. The bad-sample check reads images this way
     too, to open each one with PIL itself."""
     return dataset.cast_column("image", Image(decode=False))
 

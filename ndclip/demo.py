@@ -220,6 +220,7 @@ def demo_model_and_processor(
     seed: int = 0,
     max_seq_length: int = DEMO_TRAINING_DEFAULTS["max_seq_length"],
     projection_type: str = "ndlinear",
+    contrastive_loss: str = "softmax",
 ) -> tuple[NdClipModel, NdClipProcessor]:
     """A freshly initialised tiny NdCLIP and its processor for the demo data.
 
@@ -227,7 +228,8 @@ def demo_model_and_processor(
     of about 30 words, so validation captions have no [UNK] either). The towers (`DEMO_TOWER_SIZES`) train in a
     minute or two on two CPU cores: ViT image 32 / patch 8 (16 patches) / hidden 64 / 2 layers, DistilBERT dim 64 /
     2 layers, NdLinear heads 8 x 8 -> 8 x 8 (or linear ones with `projection_type="linear"`, for the head
-    comparison of benchmarks/bench_heads.py), and the logit scale starts at `DEMO_LOGIT_SCALE_INIT`.
+    comparison of benchmarks/bench_heads.py), and the logit scale starts at `DEMO_LOGIT_SCALE_INIT` (a sigmoid model,
+    `contrastive_loss="sigmoid"`, at SigLIP's temperature and bias).
     The image size is read from the data set, the weights are initialised from `seed`.
     """
     train = dataset["train"] if isinstance(dataset, DatasetDict) else dataset
@@ -246,7 +248,9 @@ def demo_model_and_processor(
         text_config,
         projection_dim=sizes["projection_dim"],
         projection_type=projection_type,
-        logit_scale_init_value=math.log(DEMO_LOGIT_SCALE_INIT),
+        contrastive_loss=contrastive_loss,
+        # The sigmoid loss starts from SigLIP's own temperature and bias (the config's defaults for it).
+        logit_scale_init_value=math.log(DEMO_LOGIT_SCALE_INIT) if contrastive_loss == "softmax" else None,
     )
     torch.manual_seed(seed)  # the same seed gives the same initial weights
     return NdClipModel(config), processor

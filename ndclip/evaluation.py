@@ -12,15 +12,20 @@ import torch
 
 from ndclip.embedding import IMAGE_INPUTS, embed
 from ndclip.metrics import chunked_contrastive_loss, load_retrieval_metric, zero_shot_accuracy
+from ndclip.prompts import class_embeddings
+
+PROMPT_BATCH_SIZE = 256  # zero-shot prompts embedded at once (classes x templates of them in all)
 
 
 def evaluate(model, loaders, processor, accelerator, args, class_names=None, zero_shot=None) -> dict:
     """Metrics of `model` on the evaluation loaders, prepared by `accelerator`: `loaders["images"]` yields images
     with their first caption (and `labels` when the split has them), `loaders["captions"]` every caption.
 
-    `args` gives `per_device_eval_batch_size` (the batch size of the evaluation loss), `zero_shot_template` and
+    `args` gives `per_device_eval_batch_size` (the batch size of the evaluation loss), the zero-shot prompts
+    (`zero_shot_template`, or the ensemble `zero_shot_templates` when set: `zero_shot_templates_of`) and
     `zero_shot_dataset`; `class_names` are the split's label names (zero-shot accuracy on the split itself) and
-    `zero_shot` the (loader, class names) of `load_zero_shot_dataset`. The model's modes are left as they were.
+    `zero_shot` the (loader, class names) of `load_zero_shot_dataset`. Zero-shot results list the templates used
+    (`zero_shot_templates`). The model's modes are left as they were.
     """
     image_outputs, image_fields = ["image_embeds", "text_embeds"], ["image_ids", "labels"]
     images = embed(model, loaders["images"], image_outputs, fields=image_fields, accelerator=accelerator)
@@ -31,25 +36,46 @@ def evaluate(model, loaders, processor, accelerator, args, class_names=None, zer
         image_embeds=images["image_embeds"],
         image_ids=images["image_ids"],
     )
-    # Each image with its first caption, re-batched at a fixed size: the same loss on any number of processes.
-    logit_scale = accelerator.unwrap_model(model).clamped_logit_scale().detach().float().cpu()
+    # Each image with its first caption, re-batched at a fixed size: the same loss on any number of processes. It is
+    # the model's own loss (softmax or sigmoid), comparable with its training loss.
+    unwrapped = accelerator.unwrap_model(model)
+    logit_scale = unwrapped.clamped_logit_scale().detach().float().cpu()
+    logit_bias = unwrapped.logit_bias.detach().float().cpu() if unwrapped.logit_bias is not None else None
     metrics["eval_loss"] = chunked_contrastive_loss(
-        images["image_embeds"], images["text_embeds"], logit_scale, args.per_device_eval_batch_size
-    )
+        images["image_embeds"], images["text_embeds"], logit_scale, args.per_device_eval_batch_size,
+        logit_bias=logit_bias, kind=unwrapped.config.contrastive_loss,
+    )  # fmt: skip
     if class_names and "labels" in images:
-        template, device = args.zero_shot_template, accelerator.device
-        prompts = embed_class_prompts(model, processor.tokenizer, class_names, template, device)
+        templates = zero_shot_templates_of(args)
+        prompts = embed_class_prompts(model, processor.tokenizer, class_names, templates, accelerator.device)
         metrics["zero_shot_accuracy"] = zero_shot_accuracy(images["image_embeds"], images["labels"], prompts)
         metrics["zero_shot_chance"] = 1.0 / len(class_names)
+        metrics["zero_shot_templates"] = templates
     if zero_shot is not None:
         metrics.update(evaluate_zero_shot_dataset(model, zero_shot, processor, accelerator, args))
     return metrics
 
 
-def embed_class_prompts(model, tokenizer, class_names: list[str], template: str, device) -> torch.Tensor:
-    """`[C, D]` text embeddings of `template` filled with each class name; every process embeds them all."""
-    prompts = tokenizer([template.format(name) for name in class_names], padding=True, return_tensors="pt")
-    return embed(model, [prompts.to(device)], ["text_embeds"])["text_embeds"]
+def zero_shot_templates_of(args) -> list[str]:
+    """The zero-shot templates of a run: `--zero_shot_templates` (already read from its file by the argument
+    parser) when given, which overrides `--zero_shot_template`; else that one template."""
+    return list(getattr(args, "zero_shot_templates", None) or [args.zero_shot_template])
+
+
+def embed_class_prompts(
+    model, tokenizer, class_names: list[str], templates: list[str], device, batch_size: int = PROMPT_BATCH_SIZE
+) -> torch.Tensor:
+    """`[C, D]` class embeddings of `templates` filled with each class name (averaged over an ensemble:
+    `ndclip.prompts.class_embeddings`); every process embeds them all, in batches of `batch_size` prompts."""
+
+    def embed_texts(texts: list[str]) -> torch.Tensor:
+        batches = (
+            tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt").to(device)
+            for start in range(0, len(texts), batch_size)
+        )
+        return embed(model, batches, ["text_embeds"])["text_embeds"]
+
+    return class_embeddings(embed_texts, class_names, templates)
 
 
 def load_zero_shot_dataset(args):
@@ -74,9 +100,11 @@ def evaluate_zero_shot_dataset(model, zero_shot, processor, accelerator, args) -
     """Zero-shot accuracy on `--zero_shot_dataset`: `zero_shot` is its (prepared loader, class names)."""
     loader, names = zero_shot
     images = embed(model, loader, ["image_embeds"], fields=["labels"], inputs=IMAGE_INPUTS, accelerator=accelerator)
-    prompts = embed_class_prompts(model, processor.tokenizer, names, args.zero_shot_template, accelerator.device)
+    templates = zero_shot_templates_of(args)
+    prompts = embed_class_prompts(model, processor.tokenizer, names, templates, accelerator.device)
     return {
         "zero_shot_accuracy": zero_shot_accuracy(images["image_embeds"], images["labels"], prompts),
         "zero_shot_chance": 1.0 / len(names),
         "zero_shot_dataset": args.zero_shot_dataset,
+        "zero_shot_templates": templates,
     }

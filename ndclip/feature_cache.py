@@ -48,7 +48,7 @@ def caption_offsets(captions_per_image: list[int]) -> list[int]:
 class CachedTowerCollator:
     """A `CaptionCollator` whose frozen towers' inputs are replaced by their cached features.
 
-    It chooses the same caption (and, for an unfrozen vision tower, applies the same crop) as the wrapped collator,
+    It chooses the same captions (and, for an unfrozen vision tower, applies the same crop) as the wrapped collator,
     so a cached run sees exactly the data of an uncached one. With the image cache the examples need no `image`
     column at all, and no picture is decoded.
     """
@@ -65,10 +65,11 @@ class CachedTowerCollator:
     def __call__(self, examples: list[dict]) -> dict:
         collator, ids = self.collator, [example["image_id"] for example in examples]
         if self.caption_features is None:
-            captions = [collator.choose_caption(e["captions"], e["image_id"]) for e in examples]
+            captions = [text for e in examples for text in collator.choose_captions(e["captions"], e["image_id"])]
             batch = collator.tokenize(captions)
         else:
-            rows = [self.offsets[e["image_id"]] + self._caption_index(e) for e in examples]
+            chosen = [(e["image_id"], collator.caption_indices(e["captions"], e["image_id"])) for e in examples]
+            rows = [self.offsets[image_id] + n for image_id, indices in chosen for n in indices]
             batch = {"text_tower_features": self.caption_features[rows]}
         if self.image_features is None:
             batch["pixel_values"] = collator.pixel_batch(examples)
@@ -78,9 +79,6 @@ class CachedTowerCollator:
         if "label" in examples[0]:
             batch["labels"] = torch.tensor([example["label"] for example in examples])
         return batch
-
-    def _caption_index(self, example: dict) -> int:
-        return example["captions"].index(self.collator.choose_caption(example["captions"], example["image_id"]))
 
 
 class CachedCaptionCollator:

@@ -5,9 +5,10 @@ is pushed to the Hub (`model.push_to_hub` / `processor.push_to_hub` upload it wi
 
 The metadata says how the Hub should show and run the model (library, pipeline, tags, datasets, base models, a
 widget example) and carries the evaluation results of `eval_results.json` as a `model-index`; the body describes
-the model, its heads, its training, its results, how to use it (with the package versions its code needs) and its
-limitations. The metadata names Hub datasets only: data that is not on the Hub (the demo's, local files) is described
-in the body, and results measured on it stay out of the model-index, as transformers' own cards do.
+the model, its heads, its training, its results, how to use it (with the package versions its code needs), how to
+deploy it as an Inference Endpoint (`deploy_section`) and its limitations. The metadata names Hub datasets only:
+data that is not on the Hub (the demo's, local files) is described in the body, and results measured on it stay out
+of the model-index, as transformers' own cards do.
 """
 
 import argparse
@@ -113,6 +114,27 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+# What each loss (`config.contrastive_loss`) means for the card: how the model was trained, what its scores are, and
+# the line of the usage example that turns its logits into probabilities.
+LOSS_DESCRIPTIONS = {
+    "softmax": (
+        "the symmetric contrastive (CLIP) loss over image-caption pairs: a softmax over every caption of the batch for "
+        "each image, and over every image for each caption",
+        "Its probabilities are a softmax of the logits over the candidate texts (labels) of each image: they sum to "
+        "one, and say which of the candidates fits best.",
+        "probs = outputs.logits_per_image.softmax(dim=-1)  # [images, texts], each row sums to one",
+    ),
+    "sigmoid": (
+        "the pairwise sigmoid (SigLIP) loss over image-caption pairs: every image-caption pair of the batch is a "
+        "binary decision, with a learned temperature and bias",
+        "Its logits include its learned bias (`logit_bias`), and its probabilities are a sigmoid of each logit: the "
+        "probability that a text matches the image, independently of the other candidates (they need not sum to "
+        "one). The zero-shot pipeline scores this way (the model's config names its pipeline).",
+        "probs = torch.sigmoid(outputs.logits_per_image)  # [images, texts], each pair on its own",
+    ),
+}
+
+
 def card_body(
     model,
     model_id: str,
@@ -140,6 +162,7 @@ def card_body(
         else (f"a {vision.model_type} image tower and a {text.model_type} text tower")
     )
     requirements = " ".join(f'"{requirement}"' for requirement in REMOTE_CODE_REQUIREMENTS)
+    trained_with, scores, probabilities_line = LOSS_DESCRIPTIONS[config.contrastive_loss]
     if dataset_name:
         dataset = f"[{dataset_name}](https://huggingface.co/datasets/{dataset_name})"
     else:
@@ -164,7 +187,8 @@ def card_body(
         )
         + f"\n\nThe heads have {heads / counts['linear_equivalent']:.2%} of the parameters of linear heads.",
         "## Training\n\n"
-        f"Trained on {dataset} with the symmetric contrastive (CLIP) loss over image-caption pairs."
+        f"Trained on {dataset} with {trained_with} (`contrastive_loss: {config.contrastive_loss}` in its config). "
+        f"{scores}"
         + (
             "\n\n" + markdown_table(["hyperparameter", "value"], [[f"`{k}`", v] for k, v in training_args.items()])
             if training_args
@@ -178,7 +202,7 @@ def card_body(
             where = where if is_hub_dataset_id(where) else Path(where).name  # not a path of the training machine
             rows.append([f"Zero-shot accuracy ({where})", eval_results["zero_shot_accuracy"]])
         if "eval_loss" in eval_results:
-            rows.append(["Contrastive loss", eval_results["eval_loss"]])
+            rows.append([f"Contrastive loss ({config.contrastive_loss})", eval_results["eval_loss"]])
         measured = ", ".join(f"{key} {eval_results[key]}" for key in ("split", "step", "epoch") if key in eval_results)
         sections.append(
             f"## Evaluation\n\nRetrieval among the images and captions of the evaluation data ({measured}): R@k is "
@@ -203,7 +227,7 @@ def card_body(
         '                   images=[Image.open("photo.jpg")], return_tensors="pt")\n'
         "with torch.no_grad():\n"
         "    outputs = model(**inputs)\n"
-        "probs = outputs.logits_per_image.softmax(dim=-1)  # [images, texts]\n\n"
+        f"{probabilities_line}\n\n"
         "# embeddings for search (unnormalised: normalise before comparing)\n"
         'image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output\n'
         'text_embeds = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output\n'
@@ -215,6 +239,7 @@ def card_body(
         'classifier("photo.jpg", candidate_labels=["dog", "cat", "bicycle"], hypothesis_template="a photo of a {}.")\n'
         "```"
     )
+    sections.append(deploy_section(model_id))
     sections.append(
         "## Limitations\n\n"
         f"- Trained on {dataset} only. It knows far fewer concepts than CLIP models trained on hundreds of millions "
@@ -226,6 +251,84 @@ def card_body(
         "- Loading runs the model code in this repository (`trust_remote_code=True`): read it first."
     )
     return "\n\n".join(sections) + "\n"
+
+
+def deploy_section(model_id: str) -> str:
+    """The card's "Deploy" section: how to run the model as an Inference Endpoint with the repository's custom
+    handler (`handler.py`, written by `ndclip.endpoint`), with a curl and a Python request for each of its tasks."""
+    return (
+        "## Deploy\n\n"
+        "The Hub's serverless inference (the widget on this page, the Inference API) does not run custom code, so it "
+        "cannot run this model. Deploy it as an [Inference Endpoint](https://huggingface.co/docs/inference-endpoints) "
+        f"instead: create one from `{model_id}` and the Endpoint finds the custom handler of this repository "
+        "(`handler.py`) and installs what it needs (`requirements.txt`).\n\n"
+        'A request is a JSON object `{"inputs": ..., "parameters": {...}}`; `parameters.task` selects the task (a '
+        "zero-shot classification without it). Images are sent base64-encoded (URLs are not fetched); a bad request "
+        "(bad base64, not an image, an empty label list, a text longer than the model takes...) is answered with HTTP "
+        '400 and `{"error": "..."}` naming the field at fault.\n\n'
+        + markdown_table(
+            ["`parameters.task`", "`inputs`", "response"],
+            [
+                [
+                    "`zero-shot-image-classification` (default)",
+                    "an image; `parameters.candidate_labels` (a list or a comma-separated string), optional "
+                    '`parameters.hypothesis_template` (default `"This is a photo of {}."`)',
+                    '`[{"label", "score"}]`, best first',
+                ],
+                ["`image-embedding`", "an image or a list of images", "one L2-normalised embedding per image"],
+                ["`text-embedding`", "a text or a list of texts", "one L2-normalised embedding per text"],
+                [
+                    "`image-text-similarity`",
+                    '`{"images": [...], "texts": [...]}`',
+                    '`{"cosine_similarity": [[...]], "probabilities": [[...]]}`, a row per image',
+                ],
+            ],
+        )
+        + "\n\n"
+        "```bash\n"
+        "ENDPOINT=https://<your-endpoint>.endpoints.huggingface.cloud\n"
+        'AUTH="Authorization: Bearer $HF_TOKEN"\n'
+        "# zero-shot classification (the image goes through a file: a photo is too long for a command line)\n"
+        'printf \'{"inputs": "%s", "parameters": {"candidate_labels": ["dog", "cat", "bicycle"]}}\' '
+        '"$(base64 -w0 photo.jpg)" > request.json\n'
+        'curl "$ENDPOINT" -H "$AUTH" -H "Content-Type: application/json" -d @request.json\n'
+        "# the same with the raw image as the body, the parameters in the query string\n"
+        'curl "$ENDPOINT?candidate_labels=dog,cat,bicycle" -H "$AUTH" -H "Content-Type: image/jpeg" '
+        "--data-binary @photo.jpg\n"
+        "# image embeddings\n"
+        'printf \'{"inputs": ["%s"], "parameters": {"task": "image-embedding"}}\' "$(base64 -w0 photo.jpg)" '
+        "> request.json\n"
+        'curl "$ENDPOINT" -H "$AUTH" -H "Content-Type: application/json" -d @request.json\n'
+        "# text embeddings\n"
+        'curl "$ENDPOINT" -H "$AUTH" -H "Content-Type: application/json" \\\n'
+        '  -d \'{"inputs": ["a dog runs on the grass"], "parameters": {"task": "text-embedding"}}\'\n'
+        "# image-text similarity\n"
+        'printf \'{"inputs": {"images": ["%s"], "texts": ["a dog", "a cat"]}, '
+        '"parameters": {"task": "image-text-similarity"}}\' "$(base64 -w0 photo.jpg)" > request.json\n'
+        'curl "$ENDPOINT" -H "$AUTH" -H "Content-Type: application/json" -d @request.json\n'
+        "```\n\n"
+        "```python\n"
+        "import base64\n"
+        "import os\n\n"
+        "import requests\n\n"
+        'ENDPOINT = "https://<your-endpoint>.endpoints.huggingface.cloud"\n\n\n'
+        "def query(inputs, **parameters):\n"
+        "    response = requests.post(\n"
+        '        ENDPOINT, json={"inputs": inputs, "parameters": parameters},\n'
+        '        headers={"Authorization": f"Bearer {os.environ[\'HF_TOKEN\']}"},\n'
+        "    )\n"
+        "    if response.status_code == 400:\n"
+        '        raise ValueError(response.json()["error"])\n'
+        "    response.raise_for_status()\n"
+        "    return response.json()\n\n\n"
+        'with open("photo.jpg", "rb") as file:\n'
+        "    image = base64.b64encode(file.read()).decode()\n"
+        'labels = query(image, candidate_labels=["dog", "cat", "bicycle"], hypothesis_template="a photo of a {}.")\n'
+        'image_embeddings = query([image], task="image-embedding")\n'
+        'text_embeddings = query(["a dog runs on the grass", "a cat sleeps"], task="text-embedding")\n'
+        'scores = query({"images": [image], "texts": ["a dog", "a cat"]}, task="image-text-similarity")\n'
+        "```"
+    )
 
 
 def write_model_card(
@@ -327,8 +430,8 @@ def write_card(args, model, eval_results) -> None:
         for k, v in vars(args).items()
         if k in {
             "learning_rate", "weight_decay", "num_train_epochs", "max_train_steps", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "lr_scheduler_type", "num_warmup_steps", "seed", "max_seq_length",
-            "freeze_vision_model", "freeze_text_model", "preset",
+            "gradient_accumulation_steps", "contrastive_accumulation", "lr_scheduler_type", "num_warmup_steps", "seed",
+            "max_seq_length", "freeze_vision_model", "freeze_text_model", "preset",
         }
     }  # fmt: skip
     training_args["lr_scheduler_type"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))

@@ -5,7 +5,8 @@ Writers (each takes the folder to write into, a `str` or a `Path`): the `jxie/fl
 (`write_hub_parquet`), the Kaggle Flickr8k download (`write_kaggle_flickr8k`), the original Flickr8k release
 (`write_original_flickr8k`), a csv with one caption per row (`write_csv_one_caption_per_row`), jsonl files with a
 list of captions per image (`write_jsonl_caption_lists`), an imagefolder with a metadata.csv (`write_imagefolder`),
-and a folder of every kind of image the data layer must keep or drop (`write_messy_images`).
+a folder of every kind of image the data layer must keep or drop (`write_messy_images`), and webdataset tar shards
+as img2dataset writes them (`write_img2dataset_shards`, on `write_tar_shard`).
 
 Every image is a picture of random pixels drawn from its number (`picture`), and its five captions name that number
 (`captions_of`), so a test can tell from a caption which image it belongs to.
@@ -14,6 +15,7 @@ Every image is a picture of random pixels drawn from its number (`picture`), and
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,38 @@ def write_messy_images(folder) -> list[str]:
     picture(8).save(os.path.join(folder, "uncaptioned.jpg"))
     return ["good.jpg", "gray.png", "rgba.png", "cmyk.jpg", "palette.png", "truncated.jpg", "corrupt.png",
             "notes.jpg", "missing.jpg", "uncaptioned.jpg"]
+
+
+def write_tar_shard(path, samples: list[dict]) -> None:
+    """A webdataset tar shard: each sample is {"__key__": KEY, EXT: content, ...}, written as files KEY.EXT in that
+    order; content is bytes, a str (UTF-8) or a dict (JSON)."""
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for extension, content in sample.items():
+                if extension == "__key__":
+                    continue
+                if isinstance(content, dict):
+                    content = json.dumps(content)
+                data = content.encode("utf-8") if isinstance(content, str) else content
+                info = tarfile.TarInfo(f"{sample['__key__']}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def write_img2dataset_shards(folder, shard_sizes: list[int]) -> list[dict]:
+    """Shards `00000.tar`... of `shard_sizes` samples as img2dataset writes them: `KEY.jpg`, `KEY.txt` (one caption)
+    and `KEY.json` ({"key", "caption", "status", "url"...}), KEY = shard number and position (`000010003`). Image n
+    (numbered across the shards) is `picture(n)` with caption `captions_of(n)[0]`. Returns the samples written."""
+    os.makedirs(folder, exist_ok=True)
+    written, number = [], 0
+    for shard, size in enumerate(shard_sizes):
+        samples = []
+        for position in range(size):
+            key = f"{shard:05d}{position:04d}"
+            caption = captions_of(number)[0]
+            metadata = {"key": key, "caption": caption, "status": "success", "url": f"https://example.com/{number}.jpg"}
+            samples.append({"__key__": key, "jpg": encoded(picture(number), "JPEG"), "txt": caption, "json": metadata})
+            number += 1
+        write_tar_shard(os.path.join(folder, f"{shard:05d}.tar"), samples)
+        written += samples
+    return written

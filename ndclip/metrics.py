@@ -13,7 +13,7 @@ from pathlib import Path
 import evaluate
 import torch
 
-from modeling_ndclip import ndclip_loss
+from modeling_ndclip import pair_loss
 from ndclip.image_text_retrieval.image_text_retrieval import exact_mean, one_correct_rank_counts, retrieval_metrics
 
 # The folder of the `evaluate` metric, as `evaluate.load` takes it.
@@ -50,9 +50,15 @@ def zero_shot_accuracy(
 
 
 def chunked_contrastive_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float | torch.Tensor, batch_size: int
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    batch_size: int,
+    logit_bias: float | torch.Tensor | None = None,
+    kind: str = "softmax",
 ) -> float:
-    """The symmetric CLIP loss (`modeling_ndclip.ndclip_loss`) of consecutive batches of `batch_size` pairs.
+    """The model's contrastive loss (`modeling_ndclip.pair_loss`: CLIP's symmetric loss, or SigLIP's sigmoid loss
+    with `kind="sigmoid"`) of consecutive batches of `batch_size` pairs.
 
     The contrastive loss depends on the batch (the negatives are the other pairs in it), so an evaluation that
     gathers all embeddings and re-batches them at a fixed size gives the same number on any number of processes.
@@ -60,6 +66,8 @@ def chunked_contrastive_loss(
     Args:
         image_embeds, text_embeds: `[N, D]` L2-normalised embeddings; pair i is image i with text i.
         logit_scale: the multiplier of the cosine similarities, `model.clamped_logit_scale()` (not its log).
+        logit_bias: the sigmoid model's `logit_bias`, added to its logits (`kind="sigmoid"` only).
+        kind: the model's `config.contrastive_loss`.
         batch_size: pairs per batch; the last batch may be smaller.
 
     Returns:
@@ -73,8 +81,8 @@ def chunked_contrastive_loss(
     total = 0.0
     for start in range(0, len(image_embeds), batch_size):
         images, texts = image_embeds[start : start + batch_size], text_embeds[start : start + batch_size]
-        logits_per_text = logit_scale * texts @ images.t()
-        total += ndclip_loss(logits_per_text).item() * len(images)
+        logits_per_text = logit_scale * texts @ images.t() + (logit_bias if kind == "sigmoid" else 0.0)
+        total += pair_loss(logits_per_text, kind).item() * len(images)
     return total / len(image_embeds)
 
 

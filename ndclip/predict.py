@@ -4,17 +4,18 @@
     ndclip predict --model user/ndclip-flickr8k --images photos/ --labels_file labels.txt \
         --captions captions.txt --top_k 3 --output_dir predictions/
 
-For every image: the top-k labels with their probabilities (the softmax of `logits_per_image` over the labels, as
-in the `zero-shot-image-classification` pipeline, each label written into `--template`) and, with `--captions`,
-the best-matching captions with their cosine similarity. Prints a table, writes `predictions.json` and
-`contact_sheet.png` (each thumbnail with its top labels) to `--output_dir`. Images that cannot be decoded (truncated
-files, decompression bombs) are skipped, counted and listed in `predictions.json`.
+For every image: the top-k labels with their probabilities and, with `--captions`, the best-matching captions with
+their cosine similarity. Each label is written into `--template`, or into every template of the ensemble `--templates`
+(a file, or `builtin`), whose text embeddings are averaged per label; the probabilities are the model's
+`logits_to_probabilities` of its logits over the labels: their softmax, as in the `zero-shot-image-classification`
+pipeline, for a model trained with the softmax loss, a sigmoid per label for a sigmoid model. Prints a table, writes
+`predictions.json` and `contact_sheet.png` (each thumbnail with its top labels) to `--output_dir`. Images that cannot
+be decoded (truncated files, decompression bombs) are skipped, counted and listed in `predictions.json`.
 """
 
 import argparse
 import json
 import logging
-import string
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,10 +31,9 @@ from ndclip.inference import (
     log_unreadable,
     positive_int,
 )
+from ndclip.prompts import BUILTIN, DEFAULT_TEMPLATE, class_embeddings, template_argument, templates_argument
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -60,35 +60,6 @@ def parse_labels(labels: str | None = None, labels_file: str | Path | None = Non
     return parsed
 
 
-def check_template(template: str) -> str:
-    """`template` if it holds exactly one `{}`, where each label goes, and no other replacement field (`{name}`,
-    `{0}`; a literal brace is written `{{` or `}}`). Raises `BadInputError` naming what it found otherwise."""
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as error:
-        raise BadInputError(
-            f"the template {template!r} is not a valid format string ({error}); write a literal brace as '{{{{' or "
-            "'}}}}'"
-        ) from error
-    fields = [
-        "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-        for _, name, spec, conversion in parts
-        if name is not None
-    ]
-    if fields != ["{}"]:
-        found = "none" if not fields else f"the field {fields[0]!r}" if len(fields) == 1 else f"{len(fields)} fields"
-        raise BadInputError(f"the template {template!r} needs exactly one '{{}}' where the label goes, found {found}")
-    return template
-
-
-def template_argument(text: str) -> str:
-    """`--template`, checked by `check_template` (argparse then names the flag in its message)."""
-    try:
-        return check_template(text)
-    except BadInputError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-
-
 def top_matches(scores: torch.Tensor, names: Sequence[str], key: str, top_k: int) -> list[list[dict]]:
     """For each row of `scores` `[images, names]`, the `top_k` best names with their scores, best first."""
     values, indices = scores.topk(min(top_k, len(names)), dim=-1)
@@ -103,7 +74,7 @@ def predict(
     processor,
     images: Sequence,
     labels: Sequence[str],
-    template: str = DEFAULT_TEMPLATE,
+    template: str | Sequence[str] = DEFAULT_TEMPLATE,
     captions: Sequence[str] | None = None,
     top_k: int = 3,
     batch_size: int = 32,
@@ -112,18 +83,18 @@ def predict(
 
     Each prediction holds `image`, `labels`, its top-k labels with probabilities, and, given `captions`,
     `captions`, its top-k captions with cosine similarities; each skipped image `image` and `reason` (the skipped
-    ones are also logged). The label probabilities are those of the zero-shot pipeline called with
-    `hypothesis_template=template`.
+    ones are also logged). `template` is one template or several (an ensemble: each label's embedding is the
+    renormalised mean of its normalised text embeddings, `ndclip.prompts.class_embeddings`). With one template the
+    label probabilities are those of the zero-shot pipeline called with `hypothesis_template=template`.
     """
-    check_template(template)
+    templates = [template] if isinstance(template, str) else list(template)
     if top_k < 1:
         raise BadInputError(f"top_k must be at least 1, got {top_k}")
     names = [str(image) if isinstance(image, (str, Path)) else f"image {i}" for i, image in enumerate(images)]
-    label_embeds = embed_texts(model, processor, [template.format(label) for label in labels])
+    label_embeds = class_embeddings(lambda texts: embed_texts(model, processor, texts), labels, templates)
     image_embeds, unreadable = embed_images(model, processor, images, batch_size=batch_size)
     log_unreadable({Path(names[i]).name: why for i, why in unreadable.items()})
-    with torch.no_grad():
-        probabilities = (model.clamped_logit_scale().cpu() * image_embeds @ label_embeds.t()).softmax(dim=-1)
+    probabilities = label_probabilities(model, image_embeds, label_embeds)
     readable = [name for i, name in enumerate(names) if i not in unreadable]
     results = [
         {"image": name, "labels": matches}
@@ -134,6 +105,16 @@ def predict(
         for result, matches in zip(results, top_matches(similarities, captions, "caption", top_k)):
             result["captions"] = matches
     return results, [{"image": names[i], "reason": why} for i, why in unreadable.items()]
+
+
+def label_probabilities(model, image_embeds: torch.Tensor, label_embeds: torch.Tensor) -> torch.Tensor:
+    """`[images, labels]` probabilities: the model's logits (scaled cosine similarities, plus the learned bias of a
+    sigmoid model), turned into probabilities as the model says (`logits_to_probabilities`)."""
+    with torch.no_grad():
+        logits = model.clamped_logit_scale().cpu() * image_embeds @ label_embeds.t()
+        if model.logit_bias is not None:
+            logits = logits + model.logit_bias.cpu()
+        return model.logits_to_probabilities(logits)
 
 
 def format_table(predictions: Sequence[dict], width: int = 40) -> str:
@@ -161,11 +142,18 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="a folder of images (searched recursively)")
     parser.add_argument("--labels", help="comma-separated candidate labels, e.g. dog,cat,car")
     parser.add_argument("--labels_file", help="a text file with one candidate label per line")
-    parser.add_argument(
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument(
         "--template",
         type=template_argument,
         default=DEFAULT_TEMPLATE,
         help="the text each label is written into, at its one '{}'",
+    )
+    prompts.add_argument(
+        "--templates",
+        type=templates_argument,
+        help=f"a prompt ensemble: a text file with one template per line (blank lines and lines starting with '#' "
+        f"are skipped), or `{BUILTIN}` for the built-in set; each label's text embeddings are averaged over them",
     )
     parser.add_argument("--captions", help="a text file with one caption per line, to match against each image")
     parser.add_argument("--top_k", type=positive_int, default=3, help="labels (and captions) to report per image")
@@ -186,9 +174,8 @@ def run_predict(args: argparse.Namespace) -> None:
     images = find_images(args.images)
     model, processor = load_ndclip(args.model, args.device)
 
-    predictions, skipped = predict(
-        model, processor, images, labels, args.template, captions, args.top_k, args.batch_size
-    )
+    templates = args.templates or [args.template]
+    predictions, skipped = predict(model, processor, images, labels, templates, captions, args.top_k, args.batch_size)
     if not predictions:
         raise BadInputError(f"none of the {len(images)} images in {args.images} could be read (see the log)")
     print(format_table(predictions))
@@ -197,7 +184,8 @@ def run_predict(args: argparse.Namespace) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "model": args.model,
-        "template": args.template,
+        # One template, or the ensemble's list.
+        **({"template": templates[0]} if len(templates) == 1 else {"templates": templates}),
         "labels": labels,
         "predictions": predictions,
         "skipped": skipped,

@@ -15,6 +15,10 @@ because they cannot be decoded (truncated files, decompression bombs). A query w
 `query` finds the best images for a text, and the best captions (or with `--target images`, the most similar
 images) for an image: exact search with torch, or with `--faiss` a FAISS inner-product index (`pip install
 faiss-cpu`) built through `datasets`' `add_faiss_index`.
+
+An index of a folder records the folder and its image paths relative to the index folder, so the two can be moved or
+copied together (a Space holds both: `ndclip space`); `query` gives the paths resolved against where the index is
+now. Indexes written before recorded absolute paths: they still work where those paths exist, and cannot be moved.
 """
 
 import argparse
@@ -22,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -50,7 +55,7 @@ SKIPPED_FILE = "skipped.json"  # in each chunk: its unreadable images
 # The columns of the saved datasets, besides `embedding` (L2-normalised float32 vectors of `projection_dim`).
 COLUMN_TYPES = {
     "row": datasets.Value("int64"),  # images: position in the collection
-    "path": datasets.Value("string"),  # images: file path (folder collections only)
+    "path": datasets.Value("string"),  # images: file path relative to the index folder (folder collections only)
     "image_row": datasets.Value("int64"),  # captions: the `row` of their image
     "caption": datasets.Value("string"),
 }
@@ -108,21 +113,23 @@ class DatasetImages(Sequence):
 
 @dataclass
 class Collection:
-    """What gets indexed: `images` (paths or a `DatasetImages`), their `paths` (folders only) and `captions`
-    (a list of captions per image, when the collection has them)."""
+    """What gets indexed: `images` (paths or a `DatasetImages`), their `paths` as the index records them (folders
+    only: see `open_collection`) and `captions` (a list of captions per image, when the collection has them)."""
 
     images: Sequence
     paths: list[str] | None = None
     captions: list[list[str]] | None = None
 
 
-def open_collection(source: dict) -> Collection:
+def open_collection(source: dict, index_dir: str | Path | None = None) -> Collection:
     """The collection that `source` describes: `{"images": folder}`, or `{"dataset_name" and/or "data_dir",
     "split", "image_column", "caption_columns"}` for `datasets.load_dataset` (a folder alone loads as `imagefolder`).
+    The `paths` of a folder's images are relative to `index_dir` when it is given (see `relative_path`).
     """
     if source.get("images"):
-        paths = [str(path) for path in find_images(source["images"])]
-        return Collection(images=paths, paths=paths)
+        found = [str(path) for path in find_images(source["images"])]
+        paths = found if index_dir is None else [relative_path(path, index_dir) for path in found]
+        return Collection(images=found, paths=paths)
     name = source["dataset_name"] or "imagefolder"
     try:
         dataset = datasets.load_dataset(name, data_dir=source["data_dir"], split=source["split"])
@@ -146,6 +153,18 @@ def open_collection(source: dict) -> Collection:
     return Collection(images=DatasetImages(dataset, source["image_column"]), captions=captions)
 
 
+def relative_path(path: str | Path, index_dir: str | Path) -> str:
+    """`path` relative to `index_dir` (both resolved first, so that a symbolic link on either side cannot make the
+    `..` steps wrong), with `/` separators: how an index records a path, so that it moves with its images."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(index_dir).resolve())).as_posix()
+
+
+def resolve_path(index_dir: str | Path, recorded: str) -> str:
+    """The file that `recorded`, a path recorded in the index in `index_dir`, names now: relative paths are resolved
+    against the index folder; an absolute one (an index written before paths were relative) is kept as it is."""
+    return os.path.normpath(Path(index_dir).resolve() / recorded)
+
+
 # ----- building the index -----------------------------------------------------------------------------------------
 
 
@@ -164,11 +183,14 @@ def build_index(
     Finished chunks are kept on disk and skipped when the same command is run again, so an interrupted run resumes;
     `max_chunks` stops after embedding that many (the rest is done by a later run). Returns the index description
     (`index.json`) with `chunks_done`: the chunks this call embedded. Unreadable images are left out of the index
-    (with their captions) and listed in `skipped`, each with its `row` (and `path`) and `reason`.
+    (with their captions) and listed in `skipped`, each with its `row` (and `path`) and `reason`. A folder and its
+    image paths are recorded relative to `output_dir` (`relative_path`).
     """
     output_dir = Path(output_dir)
-    collection = open_collection(source)
+    collection = open_collection(source, index_dir=output_dir)
     num_images = len(collection.images)
+    if source.get("images"):
+        source = {**source, "images": relative_path(source["images"], output_dir)}
     info = {
         "model": str(model_name_or_path),
         "fingerprint": model_fingerprint(model),
@@ -351,10 +373,12 @@ def query_index(
     target: str = "auto",
     top_k: int = 5,
     use_faiss: bool = False,
+    index_dir: str | Path | None = None,
 ) -> list[dict]:
     """The best matches for `text` (images) or `image` (captions if the index has them, else images; `target`
     "images" or "captions" chooses), best first: `rank`, `score` (cosine), `row` of the image in the collection,
-    its `path` for a folder, and the `caption` for caption results."""
+    its `path` for a folder, and the `caption` for caption results. The `path` is resolved against `index_dir`, the
+    index's folder (`resolve_path`); without it, it is as recorded (relative to the index folder)."""
     if (text is None) == (image is None):
         raise BadInputError("give exactly one query: a text or an image")
     if top_k < 1:
@@ -380,7 +404,7 @@ def query_index(
         else:
             result["row"] = entry["row"]
             if "path" in entry:
-                result["path"] = entry["path"]
+                result["path"] = entry["path"] if index_dir is None else resolve_path(index_dir, entry["path"])
         results.append(result)
     return results
 
@@ -473,7 +497,9 @@ def run_query(args: argparse.Namespace) -> None:
     model_name = args.model or info["model"]
     model, processor = load_ndclip(model_name, args.device)
     info, index = load_index(args.index, model, model_name)
-    results = query_index(model, processor, index, args.text, args.image, args.target, args.top_k, args.faiss)
+    results = query_index(
+        model, processor, index, args.text, args.image, args.target, args.top_k, args.faiss, index_dir=args.index
+    )
     print(format_results(results))
     if args.json:
         query = {"text": args.text} if args.text is not None else {"image": args.image}

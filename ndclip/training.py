@@ -1,11 +1,12 @@
-"""What `run_clip.py`'s training loop relies on, one home each: the state of a run (`TrainingRun`), the contrastive
-loss over the global batch, the guards that stop a run whose loss or weights are no longer finite, checkpoints that
-survive a crash and are validated before a resume, the output folder that holds one run, and the metrics history
-with its plots.
+"""What `run_clip.py`'s training loop relies on, one home each: the state of a run (`TrainingRun`), the guards
+that stop a run whose loss or weights are no longer finite, checkpoints that survive a crash and are validated before
+a resume, the output folder that holds one run, and the metrics history with its plots (the loss over the global
+batch is `ndclip.losses`).
 
 A checkpoint is accelerate's `save_state` folder plus `training_state.json` (`training_state`): the position in the
 data, the latest evaluation, the length of `metrics.jsonl` and the run's settings, so that a resumed run neither
-repeats nor skips a sample, a step or a logged record, and ends exactly as the uninterrupted run.
+repeats nor skips a sample, a step or a logged record, and ends exactly as the uninterrupted run. A `--streaming` run
+(`TrainingStream`) also saves each process's position in its stream (`stream_position_N.json`, `ResumableStream`).
 """
 
 import json
@@ -17,18 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.nn.functional  # all_gather with gradients
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, parse_flag_from_env, send_to_device
 from safetensors import SafetensorError, safe_open
-
-from modeling_ndclip import ndclip_loss
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 logger = get_logger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step_"
 TRAINING_STATE_FILE = "training_state.json"
+STREAM_POSITION_FILE = "stream_position_{process}.json"  # one per process, in the checkpoints of a streaming run
 # What a checkpoint's training_state.json holds beside accelerate's state (`training_state`, `save_checkpoint`).
 TRAINING_STATE_KEYS = (
     "completed_steps", "epoch", "batches_in_epoch", "metrics_records", "eval_results", "settings", "train_samples",
@@ -59,16 +60,17 @@ class TrainingRun:
     lr_scheduler: Any
     train_loader: Any
     train_collator: Any  # reseeded every epoch (`set_epoch`): its crops and caption choices follow the epoch
-    eval_loaders: dict  # "images" (images with their first caption) and "captions" (every caption)
+    eval_loaders: dict | None  # "images" (images with their first caption) and "captions" (every caption)
     history: "MetricsHistory"
     settings: dict  # `run_settings`: what makes this run this run
-    train_samples: int  # the training split's size, which a checkpoint's place in its epoch depends on
+    train_samples: int | None  # the training split's size, which a checkpoint's place in its epoch depends on
     class_names: list[str] | None = None  # the evaluation split's labels, for zero-shot accuracy
     zero_shot: tuple | None = None  # (loader, class names) of `--zero_shot_dataset`
     completed_steps: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
     eval_results: dict | None = None
+    stream: "TrainingStream | None" = None  # a --streaming run's training data (then `train_samples` is None)
 
 
 def training_state(run: TrainingRun) -> dict:
@@ -78,7 +80,7 @@ def training_state(run: TrainingRun) -> dict:
     return {
         "completed_steps": run.completed_steps, "epoch": run.epoch, "batches_in_epoch": run.batches_in_epoch,
         "metrics_records": run.history.records, "eval_results": run.eval_results, "settings": run.settings,
-        "train_samples": run.train_samples,
+        "train_samples": run.train_samples, "stream": run.stream.description() if run.stream else None,
     }  # fmt: skip
 
 
@@ -93,33 +95,11 @@ def resume(run: TrainingRun, checkpoint: Path | None) -> None:
     run.accelerator.load_state(str(checkpoint))
     run.completed_steps, run.epoch = state["completed_steps"], state["epoch"]
     run.batches_in_epoch, run.eval_results = state["batches_in_epoch"], state["eval_results"]
+    if run.stream is not None and run.batches_in_epoch:  # mid-epoch: where this process's stream had got to
+        run.train_loader.load_state_dict(read_stream_position(checkpoint, run.accelerator.process_index))
     run.history.keep_first(state["metrics_records"])
     position = f"step {run.completed_steps} (epoch {run.epoch}, batch {run.batches_in_epoch})"
     logger.info(f"resumed from {checkpoint} at {position}")
-
-
-# ----- the loss over the global batch -------------------------------------------------------------------------------
-
-
-def gather_with_grad(tensor: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
-    """All processes' rows, in process order, with gradients flowing back to each process's own rows.
-
-    `torch.distributed.nn.functional.all_gather` sums the gradients of every copy in its backward; each process
-    computes the same global loss, so its rows receive `world_size` times their gradient, which DDP's gradient
-    averaging divides back out: N processes x batch b train exactly like 1 process x batch N*b.
-    """
-    if accelerator.num_processes == 1:
-        return tensor
-    return torch.cat(torch.distributed.nn.functional.all_gather(tensor.contiguous()), dim=0)
-
-
-def global_contrastive_loss(outputs, accelerator: Accelerator) -> torch.Tensor:
-    """CLIP's symmetric loss over the global batch (every process's samples, as open_clip's `ClipLoss`), computed
-    in float32 whatever the mixed precision."""
-    image_embeds = gather_with_grad(outputs.image_embeds.float(), accelerator)
-    text_embeds = gather_with_grad(outputs.text_embeds.float(), accelerator)
-    logits_per_text = outputs.logit_scale.float() * text_embeds @ image_embeds.t()
-    return ndclip_loss(logits_per_text)
 
 
 # ----- stopping a run whose loss or weights are no longer finite ----------------------------------------------------
@@ -136,7 +116,9 @@ def stop_if_loss_not_finite(run: TrainingRun, loss: torch.Tensor, outputs, image
     accelerator = run.accelerator
     if not accelerator.reduce((~torch.isfinite(loss.detach())).float(), reduction="sum").item():
         return
-    finite_rows = torch.isfinite(outputs.image_embeds).all(-1) & torch.isfinite(outputs.text_embeds).all(-1)
+    images = len(outputs.image_embeds)  # each with its captions (`--captions_per_image`), rows image-major
+    finite_captions = torch.isfinite(outputs.text_embeds).all(-1).reshape(images, -1).all(-1)
+    finite_rows = torch.isfinite(outputs.image_embeds).all(-1) & finite_captions
     finite_rows, image_ids = accelerator.gather((finite_rows.long(), image_ids))
     bad = image_ids[finite_rows == 0].tolist()
     if len(bad) == len(image_ids):
@@ -193,9 +175,13 @@ def checkpoint_dirs(output_dir: str) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict, total_limit: int | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, state: dict, total_limit: int | None = None,
+    stream_position: dict | None = None,
+) -> Path:
     """Save the full training state atomically: write into a temporary folder, then rename it into place; then keep
-    at most `total_limit` checkpoints.
+    at most `total_limit` checkpoints. `stream_position` is this process's position in its training stream
+    (`stream_position`), saved by every process in its own file.
 
     accelerate's own `total_limit` deletes old checkpoints *before* writing the new one; here the old ones are only
     pruned once the new one is complete, so a crash during a save never loses the last good checkpoint. The state
@@ -209,6 +195,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: dict, tota
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        if stream_position is not None:
+            # Each process its own file: accelerate 1.15's save_state writes a stateful loader's state from every
+            # process to one `dl_state_dict.bin`, so the processes' different stream positions would overwrite each
+            # other (huggingface/accelerate#4164).
+            tmp.mkdir(parents=True, exist_ok=True)
+            position_file = tmp / STREAM_POSITION_FILE.format(process=accelerator.process_index)
+            position_file.write_text(json.dumps(stream_position))
         accelerator.wait_for_everyone()  # every process's random state is in the folder before it is listed
         if accelerator.is_main_process:
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -305,15 +298,210 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | None, sett
     return path
 
 
-def check_resumable_data(checkpoint: Path, train_samples: int) -> None:
-    """The checkpoint's place in its epoch is a number of batches: it means the same samples only on the same data."""
+def check_resumable_data(checkpoint: Path, train_data) -> None:
+    """The checkpoint's place in its epoch is a number of batches (or a position in each worker's stream): it means
+    the same samples only on the same data. `train_data` is the training split, or a `TrainingStream`."""
     state = read_training_state(checkpoint)
+    if isinstance(train_data, TrainingStream) or state.get("stream") is not None:
+        check_resumable_stream(checkpoint, state.get("stream"), train_data)
+        return
+    train_samples = len(train_data)
     if state["train_samples"] != train_samples:
         raise SystemExit(
             f"cannot resume {checkpoint}: its run trained on {state['train_samples']} images of the training split, "
             f"which now has {train_samples} usable images. The data changed, so the batches of its epoch would differ "
             "from those already trained (samples trained twice or skipped). Train a new run in another --output_dir."
         )
+
+
+def check_resumable_stream(checkpoint: Path, saved: dict | None, stream: "TrainingStream | None") -> None:
+    """A streaming run resumes only on the stream it was reading, dealt to as many DataLoader workers: each worker's
+    position counts the samples of its own shards (`ResumableStream`)."""
+    now = stream.description() if isinstance(stream, TrainingStream) else None
+    if saved == now:
+        return
+    if saved is None or now is None:
+        was, is_ = ("a map-style split", "a stream") if saved is None else ("a stream", "a map-style split")
+        problem = f"its run trained on {was}, this run on {is_}"
+    elif saved["source"] != now["source"]:
+        problem = f"its run streamed {describe_source(saved['source'])}, this run {describe_source(now['source'])}"
+    else:
+        problem = (
+            f"its run read each process's shards with {saved['dataloader_num_workers']} DataLoader workers, this run "
+            f"with {now['dataloader_num_workers']}: the shards would be dealt to the workers otherwise and the batches "
+            f"of the epoch would change. Resume with --dataloader_num_workers {saved['dataloader_num_workers']}"
+        )
+    raise SystemExit(
+        f"cannot resume {checkpoint}: {problem}. Its position in the epoch would then mean other samples (samples "
+        "trained twice or skipped); otherwise train a new run in another --output_dir."
+    )
+
+
+def describe_source(source) -> str:
+    if isinstance(source, str):
+        return f"the data set {source}"
+    return f"{len(source)} shards ({source[0]} ... {source[-1]})"
+
+
+# ----- training from a stream ---------------------------------------------------------------------------------------
+
+
+class ResumableStream(torch.utils.data.IterableDataset):
+    """A training stream (a `datasets.IterableDataset` of `ndclip.streaming`) whose position in an epoch a checkpoint
+    holds exactly.
+
+    datasets' own `IterableDataset.state_dict` restarts a shuffle buffer empty (its documented limit): a resumed run
+    would skip the samples that were in the buffer and draw another order. Here the position is the number of samples
+    this reader -- the process, or each of its DataLoader workers, which read their own shards -- has yielded in the
+    epoch; resuming reads the epoch again from its start and drops that many before yielding. The shard order, the
+    worker's shards and the buffer are functions of (seed, epoch, worker), so the samples that follow are those an
+    uninterrupted run trains next, in its order. The replay only reads: images stay encoded until the collator, so it
+    costs reading the epoch's shards up to the checkpoint, without decoding or training. torchdata's
+    StatefulDataLoader (`StreamLoader`) takes this state from each worker with every batch (its `Stateful` protocol).
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.epoch = 0
+        self.samples_yielded = 0
+        self.resume_from: dict | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stream.set_epoch(epoch)  # datasets draws the shard order and the buffer's randomness from it
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "samples_yielded": self.samples_yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_from = state
+
+    def __iter__(self):
+        resume, self.resume_from = self.resume_from, None
+        skip = resume["samples_yielded"] if resume and resume["epoch"] == self.epoch else 0
+        self.samples_yielded = 0
+        for sample in self.stream:
+            self.samples_yielded += 1
+            if self.samples_yielded > skip:
+                yield sample
+
+
+class StreamLoader(StatefulDataLoader):
+    """torchdata's StatefulDataLoader over a `ResumableStream`: `state_dict()` is where this process's batches have
+    got to (each worker's position and whose turn it is), and `set_epoch` is that of accelerate's prepared loaders.
+
+    It is not prepared by accelerate: the stream is already this process's share (`ndclip.streaming`), which
+    `Accelerator.prepare` would split again, and accelerate's save_state would keep one process's position for all
+    (`save_checkpoint`). Its batches go to the device in `batches_of_every_process`."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+@dataclass
+class TrainingStream:
+    """The training data of a `--streaming` run in this process: its stream, the bad samples it skipped, and what a
+    checkpoint's position in it depends on (`description`)."""
+
+    dataset: ResumableStream
+    dropped: Any  # ndclip.streaming.DroppedSamples: bad samples skipped by this process's workers, by reason
+    source: list[str] | str  # the shard files, in order, or a data set name
+    num_workers: int  # DataLoader workers per process: each reads its own shards
+    samples: int | None = None  # the samples of every shard, by their index (`ndclip shards`); None without one
+
+    def description(self) -> dict:
+        return {"source": self.source, "dataloader_num_workers": self.num_workers}
+
+
+def stream_position(run: TrainingRun) -> dict | None:
+    """This process's position in its stream, for a checkpoint saved mid-epoch (None otherwise: a checkpoint at the
+    end of an epoch resumes at the start of the next one, which reads its stream from the start)."""
+    if run.stream is None or not run.batches_in_epoch:
+        return None
+    return run.train_loader.state_dict()
+
+
+def read_stream_position(checkpoint: Path, process_index: int) -> dict:
+    path = checkpoint / STREAM_POSITION_FILE.format(process=process_index)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"cannot resume {checkpoint}: process {process_index}'s stream position: {error}") from None
+
+
+def batches_of_every_process(loader, accelerator: Accelerator, group: int = 1):
+    """The loader's batches (on the device), `group` at a time (the batches of one optimizer step), for as long as
+    every process has a whole group: then the epoch ends on every process at the same batch.
+
+    The processes' streams are not equally long (shards of different sizes, bad samples skipped, each worker's last
+    partial batch dropped). A process that ended its epoch alone would leave the others waiting forever in the next
+    step's all-gather, and an optimizer step of a partial group would step some processes and not others. So before
+    each group the processes agree (one all-reduce of a flag) that each has one; the samples left in the longer
+    streams are not trained in this epoch (the next epoch draws another shard order). Every epoch thus ends on a whole
+    optimizer step."""
+    iterator = iter(loader)
+    while True:
+        batches = [batch for _, batch in zip(range(group), iterator)]
+        whole = torch.tensor(len(batches) == group, device=accelerator.device, dtype=torch.long)
+        if accelerator.reduce(whole, reduction="sum").item() < accelerator.num_processes:
+            return
+        for batch in batches:
+            yield send_to_device(batch, accelerator.device)
+
+
+# ----- the distributed mode: what runs is what was asked for --------------------------------------------------------
+
+# The sharded modes an `accelerate launch` (its --use_fsdp / --use_deepspeed flags, or an `accelerate config` file
+# that chose them) asks for through the environment, and the mode accelerate then runs in.
+SHARDED_MODES = {"FSDP": ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
+                 "DeepSpeed": ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)}  # fmt: skip
+
+
+def requested_sharded_modes() -> list[str]:
+    """The sharded modes this process was launched for (FSDP, DeepSpeed), read from accelerate's variables."""
+    return [name for name, (variable, _) in SHARDED_MODES.items() if parse_flag_from_env(variable, default=False)]
+
+
+def sharded_mode_unavailable(requested: list[str], error: Exception) -> SystemExit:
+    """The exit for an Accelerator that could not be built for the sharded mode asked for (accelerate 1.15 on CPUs:
+    FSDP's plugin finds no GPU; DeepSpeed is not installed or needs one)."""
+    return SystemExit(
+        f"run_clip.py: {' and '.join(requested)} was asked for ({sharded_mode_variables(requested)}: "
+        f"`accelerate launch --use_fsdp` / `--use_deepspeed` or an `accelerate config` that chose it), but accelerate "
+        f"cannot set it up here: {type(error).__name__}: {str(error).rstrip('.')}. FSDP and DeepSpeed shard the model "
+        "over GPUs (or "
+        "other accelerators); accelerate's CPU mode has neither. To train on CPUs, launch without them: several "
+        "processes train as plain data parallel (DDP over gloo)."
+    )
+
+
+def check_distributed_mode(accelerator: Accelerator, requested: list[str]) -> None:
+    """Stop when a sharded mode was asked for but the accelerator runs in another one (accelerate builds a plain run
+    silently, e.g. for one CPU process, or when the variable is `1` rather than `true`): the run would not be the run
+    asked for, and would need the memory of a whole model in every process."""
+    for name in requested:
+        expected = SHARDED_MODES[name][1]
+        if accelerator.distributed_type != expected:
+            raise SystemExit(
+                f"run_clip.py: {name} was asked for ({sharded_mode_variables([name])}) but this run would train in "
+                f"accelerate's {accelerator.distributed_type.value} mode ({distributed_mode(accelerator)}): a "
+                f"plain, unsharded model in every process. Stopped rather than train otherwise than asked. FSDP and "
+                f"DeepSpeed need GPUs (or other accelerators) and `accelerate launch` without --cpu; to train as "
+                f"data parallel instead, launch without --use_fsdp / --use_deepspeed."
+            )
+
+
+def sharded_mode_variables(names: list[str]) -> str:
+    return ", ".join(f"{SHARDED_MODES[n][0]}={os.environ.get(SHARDED_MODES[n][0])}" for n in names)
+
+
+def distributed_mode(accelerator: Accelerator) -> str:
+    """What the run actually runs as, for the log: accelerate's distributed type, processes, device, precision."""
+    processes = accelerator.num_processes
+    return (
+        f"distributed mode {accelerator.distributed_type.value}, {processes} process{'es' if processes > 1 else ''} "
+        f"on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}"
+    )
 
 
 # ----- one run per output folder ------------------------------------------------------------------------------------
@@ -335,9 +523,15 @@ CHANGE_EFFECTS = {
     "num_processes": f"the checkpoint's place in its epoch counts each process's batches: it would {_SKIPS_OR_REPEATS}",
     "gradient_accumulation_steps": "an optimizer step would take another number of batches: the checkpoint's step "
     "count and learning-rate schedule would no longer fit",
+    "contrastive_accumulation": "a loader batch would hold another number of pairs (k micro-batches or one): the "
+    f"checkpoint's place in its epoch would {_SKIPS_OR_REPEATS}",
     "seed": "the shuffled order of the epoch, the held-out split and the augmentations would change: samples of the "
     "epoch would be trained twice or not at all",
     "max_train_steps": "the learning-rate schedule is sized for the run's number of steps",
+    "train_shards": "the stream would hold other samples: the checkpoint's position in each worker's shards would "
+    f"{_SKIPS_OR_REPEATS}",
+    "shuffle_buffer_size": "the stream's order would change: the checkpoint's position in it would "
+    f"{_SKIPS_OR_REPEATS}",
     "num_train_epochs": "the learning-rate schedule is sized for the run's number of steps",
 }
 # What a run writes into its output folder: `--overwrite_output_dir` deletes these, and only these.

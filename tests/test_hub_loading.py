@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 from conftest import CAPTIONS, random_images
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_modeling_ndclip import assert_heads_follow_documented_init
 from transformers import PreTrainedModel
@@ -174,7 +175,61 @@ def run_fresh_python(code: str, cwd) -> str:
     return result.stdout
 
 
-def test_trust_remote_code_loading_and_pipeline_in_a_fresh_process(saved_model_dir, tmp_path, batch):
+@pytest.fixture(scope="module")
+def sigmoid_model_dir(tmp_path_factory, make_model, processor):
+    """A tiny NdCLIP trained (as it were) with the sigmoid loss, its bias moved from its initial -10 to 0, so that
+    each label's probability is far from both 0 and 1 and a softmax (they would sum to one) is told apart."""
+    folder = tmp_path_factory.mktemp("ndclip_sigmoid")
+    model = make_model(contrastive_loss="sigmoid")
+    with torch.no_grad():
+        model.logit_bias.fill_(0.0)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def expected_pipeline_scores(folder, image, labels: list[str], template: str = "This is a photo of {}.") -> dict:
+    """What the zero-shot pipeline must score: the model's own probabilities of the prompts, computed here with this
+    repository's model and processor (the stock pipeline's default template)."""
+    model, processor = NdClipModel.from_pretrained(folder).eval(), NdClipProcessor.from_pretrained(folder)
+    inputs = processor(text=[template.format(label) for label in labels], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        probabilities = model.logits_to_probabilities(model(**inputs).logits_per_image)[0]
+    return dict(zip(labels, probabilities.tolist()))
+
+
+def test_a_sigmoid_model_keeps_its_loss_and_bias_through_save_and_load(sigmoid_model_dir, batch):
+    reloaded, info = NdClipModel.from_pretrained(sigmoid_model_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert reloaded.config.contrastive_loss == "sigmoid" and reloaded.logit_bias.item() == 0.0  # not re-initialised
+    with torch.no_grad():
+        out = reloaded.eval()(**batch, return_loss=True)
+    cosine = out.text_embeds @ out.image_embeds.t()
+    torch.testing.assert_close(out.logits_per_text, reloaded.clamped_logit_scale() * cosine)  # bias 0
+    config = json.loads((sigmoid_model_dir / "config.json").read_text())
+    assert config["contrastive_loss"] == "sigmoid" and config["logit_bias_init_value"] == -10.0
+    pipeline_class = config["custom_pipelines"]["zero-shot-image-classification"]["impl"]
+    assert pipeline_class == "modeling_ndclip.NdClipZeroShotImageClassificationPipeline"
+
+
+def test_a_checkpoint_saved_before_the_loss_choice_loads_as_a_softmax_model(saved_model_dir, tmp_path, batch):
+    """config.json written before `contrastive_loss` existed: the same model, with nothing missing."""
+    old = tmp_path / "old"
+    shutil.copytree(saved_model_dir, old)
+    config = json.loads((old / "config.json").read_text())
+    for key in ("contrastive_loss", "logit_bias_init_value"):
+        del config[key]
+    config["logit_scale_init_value"] = 2.6592600369327779
+    (old / "config.json").write_text(json.dumps(config))
+    model, info = NdClipModel.from_pretrained(old, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.contrastive_loss == "softmax" and model.logit_bias is None
+    assert "custom_pipelines" not in json.loads((saved_model_dir / "config.json").read_text())
+
+
+def test_trust_remote_code_loading_and_pipeline_in_a_fresh_process(saved_model_dir, sigmoid_model_dir, tmp_path, batch):
+    """Both kinds of model through the real pipeline: a softmax model's label scores sum to one, a sigmoid model's
+    are a sigmoid per label (its config.json names the package's pipeline in `custom_pipelines`)."""
     expected = NdClipModel.from_pretrained(saved_model_dir).eval()(**batch).logits_per_image
     torch.save(dict(batch), tmp_path / "batch.pt")
     out = run_fresh_python(
@@ -194,10 +249,13 @@ def test_trust_remote_code_loading_and_pipeline_in_a_fresh_process(saved_model_d
         classify = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
         image = Image.new("L", (37, 41), color=90)  # grayscale: the image processor converts it to RGB
         result = classify(image, candidate_labels=["dog", "cat", "red square"])
+        sigmoid = pipeline("zero-shot-image-classification", model={str(sigmoid_model_dir)!r}, trust_remote_code=True)
+        sigmoid_result = sigmoid(image, candidate_labels=["dog", "cat", "red square"])
         print(json.dumps({{
             "config": type(config).__name__, "model": type(model).__name__,
             "zero_shot": type(zero_shot).__name__, "processor": type(processor).__name__,
-            "module": type(model).__module__, "result": result,
+            "module": type(model).__module__, "result": result, "sigmoid_result": sigmoid_result,
+            "sigmoid_pipeline": type(sigmoid).__name__,
         }}))
         """,
         cwd=tmp_path,
@@ -209,3 +267,9 @@ def test_trust_remote_code_loading_and_pipeline_in_a_fresh_process(saved_model_d
     assert sorted(r["label"] for r in report["result"]) == ["cat", "dog", "red square"]
     assert abs(sum(r["score"] for r in report["result"]) - 1.0) < 1e-5
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
+    image, labels = Image.new("L", (37, 41), color=90), ["dog", "cat", "red square"]
+    assert report["sigmoid_pipeline"] == "NdClipZeroShotImageClassificationPipeline"
+    scores = {r["label"]: r["score"] for r in report["sigmoid_result"]}
+    assert scores == pytest.approx(expected_pipeline_scores(sigmoid_model_dir, image, labels), abs=1e-5)
+    assert [r["score"] for r in report["sigmoid_result"]] == sorted(scores.values(), reverse=True)
+    assert abs(sum(scores.values()) - 1.0) > 0.1, "independent sigmoids, not a softmax"

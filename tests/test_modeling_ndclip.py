@@ -51,6 +51,51 @@ def test_loss_matches_hand_computation(make_model, batch):
     torch.testing.assert_close(out.logits_per_text, expected_scale * cosine)
 
 
+# ----- the sigmoid (SigLIP) loss -------------------------------------------------------------------------------------
+
+
+def test_a_sigmoid_model_has_a_learned_bias_in_its_logits_and_starts_as_siglip(make_model, batch, processor):
+    model = make_model(contrastive_loss="sigmoid")
+    assert model.config.logit_scale_init_value == pytest.approx(math.log(10))  # SigLIP's temperature
+    assert model.logit_scale.item() == pytest.approx(math.log(10)) and model.logit_bias.item() == -10.0
+    with torch.no_grad():
+        model.logit_bias.fill_(-1.5)
+        out = model(**batch, return_loss=True)
+    cosine = out.text_embeds @ out.image_embeds.t()
+    torch.testing.assert_close(out.logits_per_text, 10.0 * cosine - 1.5)
+    assert out.logit_bias.item() == -1.5
+    signs = 2 * torch.eye(4) - 1
+    expected = -torch.nn.functional.logsigmoid(signs * out.logits_per_text).sum() / 4
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(model.logits_to_probabilities(out.logits_per_image), torch.sigmoid(out.logits_per_image))
+
+    # Two captions per image (image-major): each is a positive pair of its image.
+    texts = processor(text=[c for c in CAPTIONS[:4] for _ in range(2)], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**texts, pixel_values=batch["pixel_values"], return_loss=True)
+    signs = 2 * torch.eye(4).repeat_interleave(2, dim=0) - 1
+    expected = -torch.nn.functional.logsigmoid(signs * out.logits_per_text).sum() / 4
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_softmax_model_is_unchanged_and_its_probabilities_sum_to_one(make_model, batch):
+    model = make_model()
+    assert model.config.contrastive_loss == "softmax" and model.logit_bias is None
+    assert "logit_bias" not in model.state_dict()
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logit_bias is None and len(out.to_tuple()) == 7, "a softmax model's tuple output keeps its fields"
+    probabilities = model.logits_to_probabilities(out.logits_per_image)
+    torch.testing.assert_close(probabilities, out.logits_per_image.softmax(dim=-1))
+
+
+def test_contrastive_loss_choices_and_the_temperature_given():
+    assert NdClipConfig(contrastive_loss="sigmoid", logit_scale_init_value=2.0).logit_scale_init_value == 2.0
+    assert NdClipConfig().logit_scale_init_value == pytest.approx(math.log(1 / 0.07))
+    with pytest.raises(ValueError, match=r"unknown `contrastive_loss` 'hinge': choose one of 'softmax', 'sigmoid'"):
+        NdClipConfig(contrastive_loss="hinge")
+
+
 def test_logit_scale_is_clamped_at_ln_100(make_model, batch):
     model = make_model()
     with torch.no_grad():
@@ -314,12 +359,12 @@ def test_wrong_number_of_channels_is_named(make_model):
         model(pixel_values=torch.randn(3, 30, 30))
 
 
-def test_loss_needs_both_modalities_and_equal_batches(make_model, batch):
+def test_loss_needs_both_modalities_and_as_many_captions_for_every_image(make_model, batch):
     model = make_model()
     with pytest.raises(ValueError, match="needs both texts"):
         model(pixel_values=batch["pixel_values"], return_loss=True)
-    text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    with pytest.raises(ValueError, match="one text per image, got 4 texts and 2 images"):
+    text = {"input_ids": batch["input_ids"][:3], "attention_mask": batch["attention_mask"][:3]}
+    with pytest.raises(ValueError, match="a batch of 3 texts and 2 images: the loss needs the same number of captions"):
         model(**text, pixel_values=batch["pixel_values"][:2], return_loss=True)
 
 

@@ -91,10 +91,12 @@ def test_index_is_a_saved_dataset_with_the_model_recorded(
     info = json.loads((folder_index / "index.json").read_text())
     assert info["model"] == str(saved_model_dir) and info["projection_dim"] == 16 and len(info["fingerprint"]) == 16
     assert info["complete"] and info["num_images"] == NUM_IMAGES and not (folder_index / "chunks").exists()
+    # The folder and its images are recorded relative to the index folder (tmp/index0/idx and tmp/collection0).
+    assert info["source"] == {"images": f"../../{image_folder.name}"}
 
     images = datasets.load_from_disk(str(folder_index / "images"))
     assert images.column_names == ["row", "embedding", "path"] and images[:]["row"] == list(range(NUM_IMAGES))
-    assert images[:]["path"] == [str(image_folder / f"img_{i}.png") for i in range(NUM_IMAGES)]
+    assert images[:]["path"] == [f"../../{image_folder.name}/img_{i}.png" for i in range(NUM_IMAGES)]
     embeddings = images.with_format("torch")[:]["embedding"]
     assert embeddings.shape == (NUM_IMAGES, 16) and embeddings.dtype == torch.float32
     torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(NUM_IMAGES))
@@ -103,7 +105,7 @@ def test_index_is_a_saved_dataset_with_the_model_recorded(
 def test_text_query_ranks_images_as_the_forward_pass_does(folder_index, model_and_processor, image_folder):
     model, processor = model_and_processor
     _, index = load_index(folder_index, model, "the same model")
-    results = query_index(model, processor, index, text=CAPTIONS[2], top_k=4)
+    results = query_index(model, processor, index, text=CAPTIONS[2], top_k=4, index_dir=folder_index)
 
     pictures = [Image.open(image_folder / f"img_{i}.png") for i in range(NUM_IMAGES)]
     expected = forward_scores(model, processor, [CAPTIONS[2]], pictures)[:, 0]
@@ -188,7 +190,9 @@ def test_dataset_collection_with_captions(model_and_processor, saved_model_dir, 
         assert strip.size == (3 * (160 + 2 * PAD), 160 + 2 * PAD + 2 * LINE_HEIGHT)
 
 
-def test_query_with_another_model_fails_clearly(folder_index, make_model, processor, tmp_path, ndclip_error):
+def test_query_with_another_model_fails_clearly(
+    folder_index, image_folder, make_model, processor, tmp_path, ndclip_error
+):
     other = tmp_path / "other"  # same shape, other weights
     make_model(seed=1).save_pretrained(other)
     processor.save_pretrained(other)
@@ -206,7 +210,7 @@ def test_query_with_another_model_fails_clearly(folder_index, make_model, proces
     shutil.copytree(folder_index, partial)
     info = json.loads((partial / "index.json").read_text())
     (partial / "index.json").write_text(json.dumps({**info, "complete": False}))
-    error = ndclip_error("search", "index", "--model", other, "--images", info["source"]["images"], "--chunk_size", "3",
+    error = ndclip_error("search", "index", "--model", other, "--images", image_folder, "--chunk_size", "3",
                          "--output_dir", partial)  # fmt: skip
     assert "already holds an index built with other settings (fingerprint differ)" in error
 
@@ -310,3 +314,27 @@ def test_index_refuses_a_model_that_differs_in_one_tower_weight(
     copy = tmp_path / "copy"  # the same model elsewhere: where it was loaded from does not matter
     shutil.copytree(saved_model_dir, copy)
     assert [r["rank"] for r in query_results(tmp_path, *query[2:], copy)] == [1, 2, 3, 4, 5]  # the default --top_k
+
+
+def test_index_moved_with_its_images_still_finds_them(folder_index, image_folder, saved_model_dir, tmp_path):
+    # The index and its folder keep their places relative to each other: tmp/index0/idx and tmp/collection0.
+    moved = tmp_path / "moved"
+    shutil.copytree(folder_index, moved / folder_index.parent.name / folder_index.name)
+    shutil.copytree(image_folder, moved / image_folder.name)
+    moved_index = moved / folder_index.parent.name / folder_index.name
+    query = ["--index", moved_index, "--model", saved_model_dir, "--text", CAPTIONS[1], "--top_k", "3"]
+    results = query_results(tmp_path, *query, "--png", tmp_path / "strip.png")
+    original = query_results(tmp_path, "--index", folder_index, *query[2:])
+    assert [r["row"] for r in results] == [r["row"] for r in original]
+    assert [r["path"] for r in results] == [str(moved / image_folder.name / f"img_{r['row']}.png") for r in original]
+    assert os.path.isfile(tmp_path / "strip.png")  # drawn from the moved images
+
+    # An index written before paths were relative records absolute ones: still found where they are.
+    old = tmp_path / "old_index"
+    shutil.copytree(folder_index, old)
+    images = datasets.load_from_disk(str(folder_index / "images"))
+    absolute = images.map(lambda row: {"path": str(image_folder / os.path.basename(row["path"]))})
+    shutil.rmtree(old / "images")
+    absolute.save_to_disk(str(old / "images"))
+    results = query_results(tmp_path, "--index", old, *query[2:])
+    assert [r["path"] for r in results] == [str(image_folder / f"img_{r['row']}.png") for r in original]

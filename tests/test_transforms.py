@@ -1,12 +1,16 @@
 """ndclip.transforms: the image transforms (equal to the image processor at evaluation, caption-safe random crops in
-training, reduced-size JPEG decoding, every colour mode and bit depth) and the collators (reproducible captions and
-crops, padding, truncation), on small generated images (`ndclip.layouts`)."""
+training that keep the boxes of the previous PIL path, JPEGs decoded by torchvision to PIL's pixels, every colour mode
+and bit depth, normalisation once per batch) and the collators (reproducible captions and crops, padding,
+truncation), on small generated images (`ndclip.layouts`)."""
+
+import io
 
 import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
+from torchvision.transforms import v2
 from transformers import CLIPImageProcessor, ViTImageProcessor
 
 from ndclip.data import without_image_decoding
@@ -17,8 +21,12 @@ from ndclip.transforms import (
     CaptionCollator,
     DecodeImage,
     TextCollator,
+    draft_scale,
+    encoded_image_source,
     eval_image_transform,
     one_torch_thread,
+    random_crop_box,
+    to_rgb_array,
     train_image_transform,
     with_image_transform,
 )
@@ -135,25 +143,109 @@ def red_left_blue_right(height: int, width: int) -> PILImage.Image:
     return PILImage.fromarray(array)
 
 
-def test_training_transform_decodes_large_jpegs_at_reduced_size(image_processor):
-    """A 400x300 JPEG for a 30 px model is decoded at 1/4 scale (100x75, the smallest DCT scale still at least twice
-    the output), and the crop from it still keeps left and right and the colours."""
-    photo = {"bytes": encoded(red_left_blue_right(300, 400), "JPEG"), "path": "photo.jpg"}
-    transform = train_image_transform(image_processor)
-    [decode] = [step for step in transform.transforms if isinstance(step, DecodeImage)]
-    assert decode.draft_size == (60, 60)
-    assert decode(photo).size == (100, 75)
-    assert DecodeImage()(photo).size == (400, 300), "the evaluation transform decodes at full size"
-    assert eval_image_transform(image_processor).transforms[0](photo).size == (400, 300)
-    png = {"bytes": encoded(red_left_blue_right(300, 400), "PNG"), "path": "photo.png"}
-    assert decode(png).size == (400, 300), "only JPEGs have reduced-size decoding"
+def previous_train_transform(image_processor, draft: bool) -> v2.Compose:
+    """The training transform as it was before the per-batch normalisation: PIL decoding (a JPEG at reduced size,
+    `draft`, whenever that stays at least twice the output), RGB conversion, the random crop on the decoded frame
+    and per-image float conversion and normalisation. The crops of today's transform must keep its boxes."""
 
-    torch.manual_seed(0)
-    for pixels in [transform(photo) for _ in range(10)]:
-        assert pixels.shape == (3, 30, 30)
-        red, blue = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1), torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1)
-        torch.testing.assert_close(pixels[:, :, :4], red.expand(3, 30, 4), atol=0.05, rtol=0)  # JPEG's own error
-        torch.testing.assert_close(pixels[:, :, -4:], blue.expand(3, 30, 4), atol=0.05, rtol=0)
+    def decode(image):
+        if isinstance(image, PILImage.Image):
+            return image
+        picture = PILImage.open(encoded_image_source(image))
+        if draft:
+            picture.draft(None, (60, 60))
+        picture.load()
+        return picture
+
+    return v2.Compose([
+        decode, to_rgb_array, v2.ToImage(),
+        v2.RandomResizedCrop((30, 30), scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), interpolation=image_processor.resample),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(image_processor.image_mean, image_processor.image_std),
+    ])  # fmt: skip
+
+
+def seeded(transform, image, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return transform(image)
+
+
+def smooth_photo(height: int, width: int) -> PILImage.Image:
+    """Colour waves (a few per side): resizing from a decode at 1/4 size and from the full size give nearly equal
+    pixels, and crops of other boxes differ."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [np.sin(20 * x + 2 * y), np.cos(14 * y - 3 * x), np.sin(10 * (x + y))]
+    return PILImage.fromarray(np.stack([(c + 1) * 127.5 for c in channels], axis=-1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("resample", [PILImage.Resampling.BILINEAR, PILImage.Resampling.BICUBIC])
+def test_training_crops_of_other_images_are_those_of_the_previous_transform(tmp_path, resample):
+    """PNG rows and decoded images: the same seed gives exactly the pixels of the previous (per-image, PIL-decoded)
+    transform, so the seeded crops of a run are those it always had (ViT's bilinear and CLIP's bicubic resize)."""
+    image_processor = ViTImageProcessor(size={"height": 30, "width": 30}, resample=resample)
+    image = smooth_photo(36, 48)
+    image.save(tmp_path / "photo.png")
+    png = {"bytes": None, "path": str(tmp_path / "photo.png")}
+    train, previous = train_image_transform(image_processor), previous_train_transform(image_processor, draft=True)
+    for seed in range(8):
+        for row in (image, png):
+            torch.testing.assert_close(seeded(train, row, seed), seeded(previous, row, seed), rtol=0, atol=1e-6)
+    assert not torch.allclose(seeded(train, image, 0), seeded(train, image, 1)), "the seed moves the crop"
+
+
+def test_training_jpeg_crops_keep_the_boxes_of_the_reduced_size_decode(image_processor):
+    """A 400x300 JPEG for a 30 px model was decoded at 1/4 scale (100x75, the smallest DCT scale still at least twice
+    the output) and cropped there. It is now decoded at full size, and the crop box of a seed is that box scaled by 4:
+    the same region of the photo, so the pixels are nearly those of the previous transform (resized from more
+    pixels) and far from another seed's."""
+    photo = {"bytes": encoded(smooth_photo(300, 400), "JPEG"), "path": "photo.jpg"}
+    train, previous = train_image_transform(image_processor), previous_train_transform(image_processor, draft=True)
+    drafted = previous.transforms[0](photo)
+    assert drafted.size == (100, 75)
+    crop = v2.RandomResizedCrop((30, 30), scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3))
+    for seed in range(10):
+        torch.manual_seed(seed)
+        box = crop.make_params([v2.functional.to_image(drafted)])
+        torch.manual_seed(seed)
+        top, left, height, width = train.pixels.crop_box((300, 400), is_jpeg=True)
+        assert (top, left) == (4 * box["top"], 4 * box["left"])
+        assert (height, width) == (min(4 * box["height"], 300 - top), min(4 * box["width"], 400 - left))
+
+        now = seeded(train, photo, seed)
+        assert (now - seeded(previous, photo, seed)).abs().mean() < 0.01
+        assert (now - seeded(previous, photo, seed + 100)).abs().mean() > 0.03
+
+
+def test_random_crop_box_draws_torchvisions_boxes():
+    """`random_crop_box` is `RandomResizedCrop.make_params` written out: the same boxes from the same seeds, on
+    landscape, portrait and square frames, and on frames too narrow for any draw (the centred fallback)."""
+    crop = v2.RandomResizedCrop((30, 30), scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3))
+    for height, width in [(75, 100), (125, 94), (64, 64), (7, 5), (10, 100), (300, 12)]:
+        for seed in range(40):
+            torch.manual_seed(seed)
+            expected = crop.make_params([torch.zeros(3, height, width, dtype=torch.uint8)])
+            next_draw = torch.rand(1)
+            torch.manual_seed(seed)
+            box = random_crop_box(height, width)
+            assert box == (expected["top"], expected["left"], expected["height"], expected["width"]), (height, width)
+            assert torch.equal(torch.rand(1), next_draw), "as many draws: the random stream continues alike"
+
+
+@pytest.mark.parametrize("width, height", [(400, 300), (375, 500), (61, 60), (119, 60), (120, 60), (1000, 70)])
+def test_draft_scale_is_the_reduction_pil_picks(width, height):
+    jpeg = PILImage.open(io.BytesIO(encoded(smooth_photo(height, width), "JPEG")))
+    jpeg.draft(None, (60, 60))
+    scale = draft_scale((width, height), (60, 60))
+    assert jpeg.size == (-(-width // scale), -(-height // scale))
+
+
+def test_jpegs_are_decoded_to_the_pixels_pil_gives():
+    """RGB, greyscale and CMYK JPEGs (torchvision's decoder) give the RGB pixels PIL's decoding and conversion give."""
+    for mode in ("RGB", "L", "CMYK"):
+        jpeg = encoded(picture(4, size=(40, 48), mode=mode), "JPEG")
+        pixels, is_jpeg = DecodeImage().decode({"bytes": jpeg, "path": None})
+        expected = to_rgb_array(PILImage.open(io.BytesIO(jpeg)))
+        assert is_jpeg and pixels.dtype == torch.uint8 and pixels.shape == (3, *expected.shape[:2])
+        assert np.array_equal(pixels.permute(1, 2, 0).numpy(), expected), mode
 
 
 def test_every_colour_mode_gives_the_same_pixels_decoded_or_encoded(tmp_path, image_processor):
@@ -228,7 +320,7 @@ def test_training_caption_depends_only_on_seed_epoch_and_image(captioned_images,
     choices = set()
     for epoch in range(40):
         collator.set_epoch(epoch)
-        choices.add(collator.choose_caption(captions_of(0), image_id=0))
+        choices.update(collator.choose_captions(captions_of(0), image_id=0))
     assert choices == set(captions_of(0)), "over epochs every caption of an image is used"
 
 
@@ -248,6 +340,20 @@ def test_training_crop_depends_only_on_seed_epoch_and_image(captioned_images, im
     assert not torch.allclose(collator(examples)["pixel_values"], pixels), "another epoch crops differently"
     plain = CaptionCollator(tokenizer, train=False, image_transform=eval_image_transform(image_processor))(examples)
     assert plain["pixel_values"].shape == pixels.shape == (6, 3, 30, 30)
+
+
+def test_batches_are_normalised_once_with_the_values_of_each_image_alone(captioned_images, image_processor, tokenizer):
+    """The collator stacks each image's uint8 pixels and converts and normalises the batch once: exactly the values
+    of each image transformed alone, and the image processor's."""
+    examples = [captioned_images[n] for n in range(6)]
+    transform = eval_image_transform(image_processor)
+    collator = CaptionCollator(tokenizer, train=False, image_transform=transform)
+    assert collator.image_pixels(examples[0]).dtype == torch.uint8
+    batch = collator(examples)["pixel_values"]
+    assert batch.dtype == torch.float32
+    torch.testing.assert_close(batch, torch.stack([transform(e["image"]) for e in examples]), rtol=0, atol=0)
+    expected = image_processor(images=[e["image"] for e in examples], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(batch, expected, rtol=0, atol=1e-5)
 
 
 def test_evaluation_takes_the_first_caption_and_pads_to_the_longest(captioned_images, image_processor, tokenizer):
