@@ -671,6 +671,9 @@ def image_problem(image, data_folder=None) -> str:
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail here, not be padded with grey in training
     try:
         with PIL.Image.open(source) as picture:
+            # A JPEG is checked at its smallest DCT scale: every entropy-coded byte is still read (a truncated or
+            # broken stream fails the same way) without the full-size inverse DCT that training decodes anyway.
+            picture.draft(picture.mode, (1, 1))
             picture.load()
     except FileNotFoundError:
         return MISSING_FILE

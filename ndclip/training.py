@@ -534,6 +534,12 @@ CHANGE_EFFECTS = {
     f"{_SKIPS_OR_REPEATS}",
     "num_train_epochs": "the learning-rate schedule is sized for the run's number of steps",
 }
+# Settings added after runs were recorded, with the value that keeps what those runs did (as given on the command
+# line, before defaults are filled in): a checkpoint recorded without them resumes when they are left so.
+SETTINGS_ADDED_LATER = {
+    "loss": None, "captions_per_image": 1, "contrastive_accumulation": False, "streaming": False, "train_shards": None,
+    "shuffle_buffer_size": 1000, "allow_example_split": False, "zero_shot_templates": None,
+}  # fmt: skip
 # What a run writes into its output folder: `--overwrite_output_dir` deletes these, and only these.
 RUN_ARTIFACTS = [
     RUN_FILE, CHECKPOINTS_DIR, "runs", "metrics.jsonl", "eval_results.json", "README.md", "loss.png",
@@ -549,7 +555,9 @@ def run_settings(args, num_processes: int) -> dict:
 
 
 def settings_changes(saved: dict, now: dict) -> list[str]:
-    """Each setting that differs, as `name: saved → now (what resuming would do)`."""
+    """Each setting that differs, as `name: saved → now (what resuming would do)`. A run recorded before a setting
+    existed ran with that setting's `SETTINGS_ADDED_LATER` value, which is what its absence is compared as."""
+    saved = {**{k: v for k, v in SETTINGS_ADDED_LATER.items() if k in now}, **saved}
     return [
         f"{key}: {saved.get(key)} → {now.get(key)} "
         f"({CHANGE_EFFECTS.get(key, 'the run would continue with other settings than it was trained with')})"

@@ -17,7 +17,7 @@ from test_run_clip import history, save_tiny_ndclip, write_format
 
 import run_clip
 from ndclip.layouts import write_kaggle_flickr8k
-from ndclip.training import checkpoint_dirs, save_checkpoint
+from ndclip.training import SETTINGS_ADDED_LATER, checkpoint_dirs, save_checkpoint
 
 # 16 images: 14 train (3 batches of 4 per epoch), 2 evaluation.
 SMALL_RUN = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--logging_steps", "1",
@@ -205,6 +205,25 @@ def test_resuming_with_another_number_of_processes_is_refused(finished_run, tmp_
     record_other_settings(out, num_processes=2)
     with pytest.raises(SystemExit, match=r"(?s)num_processes: 2 → 1.*skip"):
         run_clip.main([*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+
+
+def record_without_settings(out: Path, names) -> None:
+    """Rewrite the run's records as a run made before the settings `names` existed wrote them."""
+    for path in [out / "training_run.json", *(out / "checkpoints").glob("step_*/training_state.json")]:
+        record = json.loads(path.read_text())
+        record["settings"] = {k: v for k, v in record["settings"].items() if k not in names}
+        path.write_text(json.dumps(record))
+
+
+def test_a_run_recorded_before_newer_settings_existed_resumes_unless_they_change(finished_run, tmp_path):
+    args, reference = finished_run
+    out = copy_run(reference, tmp_path)
+    record_without_settings(out, SETTINGS_ADDED_LATER)
+    with pytest.raises(SystemExit, match=r"captions_per_image: 1 → 2"):
+        run_clip.main([*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest", "--captions_per_image=2"])
+    run_clip.main([*args, "--output_dir", str(out), "--resume_from_checkpoint", str(out / "checkpoints" / "step_2")])
+    assert snapshot(out)["weights"].keys() == snapshot(reference)["weights"].keys()
+    assert all(torch.equal(v, snapshot(reference)["weights"][k]) for k, v in snapshot(out)["weights"].items())
 
 
 def test_resuming_after_the_training_data_changed_is_refused(finished_run, tmp_path):
