@@ -41,7 +41,13 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, SchedulerType, get_scheduler
 
 from modeling_ndclip import NdClipModel
-from ndclip.data import DatasetDownloadError, flatten_captions, load_image_caption_dataset, without_image_decoding
+from ndclip.data import (
+    DatasetDownloadError,
+    add_source_arguments,
+    flatten_captions,
+    load_image_caption_dataset,
+    without_image_decoding,
+)
 from ndclip.endpoint import write_endpoint_files
 from ndclip.evaluation import evaluate, load_zero_shot_dataset
 from ndclip.feature_cache import (
@@ -117,13 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_name", default="jxie/flickr8k")
-    data.add_argument("--dataset_config_name")
-    data.add_argument("--data_dir", help="A local Flickr8k folder (either layout) or an imagefolder.")
-    data.add_argument("--train_file", help="csv, json or parquet with an image and caption(s) per row.")
-    data.add_argument("--validation_file")
-    data.add_argument("--image_column")
-    data.add_argument("--caption_column")
+    add_source_arguments(data, default_dataset_name="jxie/flickr8k")
     data.add_argument("--max_seq_length", type=int, default=64)
     data.add_argument("--max_train_samples", type=int, help="Keep the first N training images (for quick runs).")
     data.add_argument("--max_eval_samples", type=int, help="Keep the first N evaluation images.")

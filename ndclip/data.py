@@ -83,6 +83,18 @@ class DatasetDownloadError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def add_source_arguments(group, default_dataset_name: str | None = None) -> None:
+    """The options that name an image-caption source, as `load_image_caption_dataset` takes them: the one set shared
+    by `run_clip.py` and `ndclip shards`, so that both read the same sources the same way."""
+    group.add_argument("--dataset_name", default=default_dataset_name, help="A Hub dataset or a local dataset folder.")
+    group.add_argument("--dataset_config_name")
+    group.add_argument("--data_dir", help="A local Flickr8k folder (either layout) or an imagefolder.")
+    group.add_argument("--train_file", help="csv, json or parquet with an image and caption(s) per row.")
+    group.add_argument("--validation_file")
+    group.add_argument("--image_column")
+    group.add_argument("--caption_column")
+
+
 def load_image_caption_dataset(
     dataset_name=None,
     dataset_config_name=None,

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 import PIL.Image
 from datasets import Dataset, Features, Image, List, Value
 
-from ndclip.data import load_image_caption_dataset, without_image_decoding
+from ndclip.data import add_source_arguments, load_image_caption_dataset, without_image_decoding
 from ndclip.inference import BadInputError
 
 logger = logging.getLogger(__name__)
@@ -348,13 +348,7 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `ndclip shards`: the source (as run_clip.py's data options), the output and the shard size."""
     parser.add_argument("--output_dir", required=True, help="where to write SPLIT/00000.tar ... and SPLIT/index.json")
     source = parser.add_argument_group("source (as run_clip.py reads it)")
-    source.add_argument("--dataset_name", help="a Hub dataset, e.g. jxie/flickr8k, or a local dataset folder")
-    source.add_argument("--dataset_config_name")
-    source.add_argument("--data_dir", help="a local Flickr8k folder (either layout) or an imagefolder")
-    source.add_argument("--train_file", help="csv, json or parquet with an image and caption(s) per row")
-    source.add_argument("--validation_file")
-    source.add_argument("--image_column")
-    source.add_argument("--caption_column")
+    add_source_arguments(source)
     source.add_argument("--seed", type=int, default=42, help="draws the validation images when the source has none")
     source.add_argument("--validation_fraction", type=float, default=0.1, help="held out when no split exists")
     output = parser.add_argument_group("shards")
